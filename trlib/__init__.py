@@ -6,3 +6,36 @@ ellipsoid, :mod:`trlib.norms`) times a *model* (the quadratic Taylor model, solv
 """
 
 __version__ = "0.1.0"
+
+from . import curvature, lanczos, norms, region, subproblem
+from .curvature import FlatView, dense_hessian, flat_grad, frozen_batchnorm_stats
+from .lanczos import smallest_eigenpair
+from .minimize import MinimizeResult, minimize
+from .norms import ellipsoid_norm, equivalence_constant, get_norm
+from .optim import NonFiniteLossError, TrustRegion
+from .region import RadiusRule
+from .subproblem import SubproblemResult, model_value, solve_subproblem
+
+__all__ = [
+    "TrustRegion",
+    "minimize",
+    "MinimizeResult",
+    "NonFiniteLossError",
+    "solve_subproblem",
+    "SubproblemResult",
+    "model_value",
+    "RadiusRule",
+    "FlatView",
+    "flat_grad",
+    "dense_hessian",
+    "frozen_batchnorm_stats",
+    "smallest_eigenpair",
+    "ellipsoid_norm",
+    "equivalence_constant",
+    "get_norm",
+    "curvature",
+    "lanczos",
+    "norms",
+    "region",
+    "subproblem",
+]

@@ -1,0 +1,77 @@
+r"""The radius rule shared by :func:`trlib.minimize` and :class:`trlib.TrustRegion`.
+
+After a trial step :math:`s_t` with model decrease :math:`m_t(0) - m_t(s_t) > 0`, the
+agreement between function and model is
+
+.. math:: \rho_t = \frac{\mathcal L(w_t) - \mathcal L(w_t + s_t)}{m_t(0) - m_t(s_t)} .
+
+The step is accepted when :math:`\rho_t \ge \eta_1`; the radius grows by ``increase``
+(capped at ``max_radius``) when :math:`\rho_t \ge \eta_2` and shrinks by ``decrease``
+when the step is rejected (Algorithm 1; Conn, Gould & Toint 2000, Alg. 6.1.1).
+
+Two guards the authors' code lacked: a non-finite trial loss is a rejection (never
+an accepted step), and a model decrease below ``tiny`` (the step is numerically zero)
+counts as perfect agreement, :math:`\rho = 1`, instead of dividing by zero.
+
+>>> rule = RadiusRule(eta1=0.1, eta2=0.9, increase=2.0, decrease=4.0, max_radius=10.0)
+>>> rule.update(radius=1.0, rho=0.95)
+(2.0, True)
+>>> rule.update(radius=1.0, rho=0.05)
+(0.25, False)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["RadiusRule", "reduction_ratio"]
+
+
+def reduction_ratio(loss: float, trial_loss: float, model_decrease: float, tiny: float = 1e-15) -> float:
+    """:math:`\\rho` = actual / predicted decrease; ``-inf`` for a non-finite trial loss."""
+    if not math.isfinite(trial_loss):
+        return -math.inf
+    if model_decrease < tiny:
+        # A step the model thinks is worthless: accept if it does not increase the loss.
+        return 1.0 if trial_loss <= loss else -math.inf
+    return (loss - trial_loss) / model_decrease
+
+
+def _positive(name: str, value) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a positive finite number)")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RadiusRule:
+    """The trust-region radius update (see the module docstring). Validates on construction."""
+
+    eta1: float = 0.01
+    eta2: float = 0.95
+    increase: float = 1.1
+    decrease: float = 1.5
+    max_radius: float = 10.0
+
+    def __post_init__(self):
+        for name in ("eta1", "eta2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"Invalid {name}: {value!r} (must lie in [0, 1])")
+        if self.eta1 > self.eta2:
+            raise ValueError(f"Invalid eta1: {self.eta1!r} (must not exceed eta2={self.eta2!r})")
+        if not (isinstance(self.increase, (int, float)) and self.increase >= 1.0 and math.isfinite(self.increase)):
+            raise ValueError(f"Invalid increase: {self.increase!r} (must be a finite number >= 1)")
+        if not (isinstance(self.decrease, (int, float)) and self.decrease > 1.0 and math.isfinite(self.decrease)):
+            raise ValueError(f"Invalid decrease: {self.decrease!r} (must be a finite number > 1)")
+        _positive("max_radius", self.max_radius)
+
+    def update(self, radius: float, rho: float):
+        """Returns ``(new_radius, accepted)``."""
+        accepted = rho >= self.eta1
+        if rho >= self.eta2:
+            radius = min(radius * self.increase, self.max_radius)
+        elif not accepted:
+            radius = radius / self.decrease
+        return radius, accepted

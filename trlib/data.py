@@ -258,7 +258,7 @@ def load_dataset_or_stand_in(name: str, *, stand_in: Optional[str] = None, **kwa
     real = _DATASETS[key].display_name
     ds = dataclasses.replace(
         ds, is_stand_in=True, stand_in_for=key,
-        display_name=f"{ds.display_name} (stand-in)",
+        display_name=f"{ds.display_name} (offline stand-in for {real})",
     )
     logger.warning("%s is used: %s", ds.display_name, reason)
     return ds

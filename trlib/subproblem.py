@@ -294,7 +294,8 @@ def _gltr(g: Tensor, op: Operator, radius: float, rtol: float, max_iter: int,
 
 def _result(u, decrease, boundary, negative, iterations, multiplier=None, status=""):
     # clamp: rounding may leave a zero decrease at -1e-17
-    return SubproblemResult(u, torch.clamp(decrease, min=0.0), boundary, negative, iterations, multiplier, status)
+    return SubproblemResult(u, torch.clamp(decrease, min=0.0), bool(boundary), bool(negative), int(iterations),
+                            None if multiplier is None else float(multiplier), status)
 
 
 # ----------------------------------------------------------------------------- front door

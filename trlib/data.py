@@ -367,7 +367,7 @@ def _missing_message(key: str, root: Path, why: str) -> str:
                f"(gunzip the .gz files from the official site)")
     alts = " or ".join(f"load_dataset({s!r})" for s in STAND_INS[key])
     return (
-        f"{spec.display_name} ({key!r}) is not available: it is not in {where} and {why}.\n"
+        f"{spec.display_name} ({key!r}) is not available: there is no complete copy in {where} and {why}.\n"
         f"To get it: run load_dataset({key!r}, root={str(root)!r}, download=True) once on a machine "
         f"with internet access, or {how}. The root defaults to $TRLIB_DATA or ~/.cache/trlib/data.\n"
         f"Offline stand-ins: {alts}, or load_dataset_or_stand_in({key!r})."

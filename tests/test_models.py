@@ -198,7 +198,9 @@ def test_gradients_reach_every_parameter(task):
         assert p.grad.abs().sum().item() > 0, name
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+# ResNet-18 is left out to keep the file fast: it is built from the same ResNet/BasicBlock
+# code as ResNet-20, with 40 times the parameters.
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "cifar_resnet18"])
 def test_hessian_vector_product_by_double_backward(task):
     # On the small digits shape: second-order methods differentiate each network twice.
     torch.manual_seed(0)

@@ -162,74 +162,71 @@ def _secular(eigvals: np.ndarray, coeffs: np.ndarray, radius: float):
 
     Returns ``(x, lam, hard)`` with the solution's coordinates ``x`` in that basis, the
     multiplier ``lam`` and whether the hard case occurred. Float64 NumPy throughout.
+
+    The search runs over the shift ``mu = lam + eigvals[0]``: denominators become
+    ``(eigvals - eigvals[0]) + mu``, exact for the leftmost eigenspace even when the root
+    sits within rounding of ``-eigvals[0]`` (the near hard case).
     """
-    lam1 = eigvals[0]
+    lam1 = float(eigvals[0])
+    gap = eigvals - lam1
     scale = max(float(np.max(np.abs(eigvals))), 1e-300)
     gnorm = float(np.linalg.norm(coeffs))
     tiny = np.finfo(np.float64).tiny
+    nonzero = coeffs != 0
 
-    def coords(lam, mask=None):
-        denom = eigvals + lam
+    def coords(mu, mask=nonzero):
         x = np.zeros_like(coeffs)
-        keep = coeffs != 0 if mask is None else mask & (coeffs != 0)
-        x[keep] = -coeffs[keep] / denom[keep]
+        x[mask] = -coeffs[mask] / (gap[mask] + mu)
         return x
 
     if lam1 > 0:
-        x = coords(0.0)
+        x = coords(lam1)
         if np.linalg.norm(x) <= radius:
             return x, 0.0, False
-    lam_low = max(0.0, -lam1)
-    group = eigvals <= lam1 + 1e-12 * scale
-    rest = ~group
+    mu_low = max(lam1, 0.0)
+    group = gap <= 1e-12 * scale
     c_group = float(np.linalg.norm(coeffs[group]))
 
-    def hard_case(lam):
-        x = coords(lam, rest)
+    def hard_case():
+        x = coords(0.0, nonzero & ~group)
         slack = radius**2 - float(x @ x)
-        if lam == 0.0:  # a singular PSD Hessian: the minimum-norm interior minimiser
+        if lam1 >= 0:  # a singular PSD Hessian: the minimum-norm interior minimiser
             return x, 0.0, True
         z = np.zeros_like(coeffs)
         if c_group > 0:  # move down the (tiny) gradient inside the eigenspace
             z[group] = -coeffs[group] / c_group
         else:
             z[np.flatnonzero(group)[0]] = 1.0
-        return x + math.sqrt(max(slack, 0.0)) * z, lam, True
+        return x + math.sqrt(max(slack, 0.0)) * z, -lam1, True
 
-    if c_group <= 1e-13 * max(gnorm, tiny):
-        x_low = coords(lam_low, rest)
-        if np.linalg.norm(x_low) <= radius:
-            return hard_case(lam_low)
-    # phi(lam) = 1/||x(lam)|| - 1/radius is increasing and concave on (lam_low, inf).
-    lo = lam_low
-    hi = max(lam_low, gnorm / radius - lam1) + tiny
-    hi = max(hi, lam_low * (1 + 1e-15) + 1e-300)
-    while np.linalg.norm(coords(hi)) > radius:  # guard rounding in the bound
-        hi = 2.0 * hi + 1e-300
-    lam = hi
-    for _ in range(200):
-        x = coords(lam)
+    if lam1 <= 0 and c_group <= 1e-13 * max(gnorm, tiny):
+        if np.linalg.norm(coords(0.0, nonzero & ~group)) <= radius:
+            return hard_case()
+    # phi(mu) = 1/||x(mu)|| - 1/radius is increasing and concave on (mu_low, inf):
+    # safeguarded Newton, bisection when Newton leaves the bracket.
+    lo, hi = mu_low, max(mu_low, gnorm / radius) * (1 + 1e-12) + tiny
+    while np.linalg.norm(coords(hi)) > radius:
+        hi = 2.0 * hi
+    mu = hi
+    for _ in range(300):
+        x = coords(mu)
         norm = float(np.linalg.norm(x))
         if abs(norm - radius) <= 1e-14 * radius:
             break
         if norm > radius:
-            lo = lam
+            lo = mu
         else:
-            hi = lam
-        # Newton on phi, kept inside the bracket (else bisect).
-        denom = eigvals + lam
-        keep = coeffs != 0
-        dnorm = -float(np.sum(coeffs[keep] ** 2 / denom[keep] ** 3)) / max(norm, tiny)
-        step = (1.0 / norm - 1.0 / radius) / (-dnorm / norm**2) if dnorm != 0 else 0.0
-        candidate = lam - step
-        lam = candidate if lo < candidate < hi else 0.5 * (lo + hi)
-        if hi - lo <= 4 * np.finfo(np.float64).eps * max(abs(hi), 1e-300):
+            hi = mu
+        if hi - lo <= 2 * np.finfo(np.float64).eps * hi:
+            mu = hi  # the feasible end of the bracket
+            x = coords(mu)
             break
-    x = coords(lam)
-    if float(np.linalg.norm(x)) < radius * (1 - 1e-10) and lam > 0:
-        # The root sits closer to -lam1 than float64 resolves (a near hard case).
-        return hard_case(lam_low)
-    return x, float(lam), False
+        slope = float(np.sum(coeffs[nonzero] ** 2 / (gap[nonzero] + mu) ** 3)) / max(norm, tiny) ** 3
+        candidate = mu - (1.0 / max(norm, tiny) - 1.0 / radius) / slope if slope > 0 else lo
+        mu = candidate if lo < candidate < hi else 0.5 * (lo + hi)
+    if float(np.linalg.norm(x)) < radius * (1 - 1e-10) and mu <= tiny * 1e10 and lam1 < 0:
+        return hard_case()  # the root is below float64's resolution of mu = 0
+    return x, float(mu - lam1), False
 
 
 def _exact(g: Tensor, op: Operator, radius: float, dense: Optional[Tensor]) -> SubproblemResult:
@@ -278,6 +275,10 @@ def _gltr(g: Tensor, op: Operator, radius: float, rtol: float, max_iter: int,
             b = lz.block_starts[-1]
             _, y = np.linalg.eigh(t[b:, b:])
             settled = lz.last_beta * abs(y[-1, 0]) <= rtol * max(lz.scale, 1e-300)
+        elif lam > 0 or eigvals[0] < 0:
+            # On the boundary, optimality needs lam >= -lambda_min(H): wait until the
+            # leftmost Ritz pair has converged, or a hard case could pass unnoticed.
+            settled = lz.last_beta * abs(eigvecs[-1, 0]) <= rtol * max(lz.scale, 1e-300)
         else:
             settled = True
         if lz.exhausted or lz.k >= max_iter or (residual <= tol and settled):

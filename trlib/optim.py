@@ -41,15 +41,16 @@ from .subproblem import METHODS, solve_subproblem
 
 __all__ = ["TrustRegion", "NonFiniteLossError", "DEFAULTS"]
 
-#: Default initial radius and shrink factor per norm (the authors' MLP settings; the
-#: RMSProp ellipsoid is ~|g| per coordinate, so its radius lives on a smaller scale).
+#: Default shrink factor per norm (the authors' MLP settings). The paper's initial radii
+#: (0.05 for the sphere, 1e-4 for RMSProp) only suit long runs of one problem's scale;
+#: the default ``radius=None`` instead starts at the length of the first Cauchy step.
 DEFAULTS: Dict[str, Dict[str, float]] = {
-    "uniform": {"radius": 0.05, "decrease": 1.5},
-    "adagrad": {"radius": 0.05, "decrease": 1.25},
-    "rms": {"radius": 1e-4, "decrease": 1.75},
-    "adam": {"radius": 1e-4, "decrease": 1.75},
+    "uniform": {"decrease": 1.5},
+    "adagrad": {"decrease": 1.25},
+    "rms": {"decrease": 1.75},
+    "adam": {"decrease": 1.75},
 }
-_FALLBACK = {"radius": 1e-2, "decrease": 1.5}
+_FALLBACK = {"decrease": 1.5}
 _HVP_MODES = ("double_backward", "forward_over_reverse")
 _KEY = "trust_region"  # the optimizer-wide entry of self.state (round-trips through state_dict)
 
@@ -65,7 +66,11 @@ class TrustRegion(torch.optim.Optimizer):
         params: the parameters (a single group; like L-BFGS, one step couples them all).
         norm: the region's shape: ``"uniform"`` (sphere), ``"adagrad"``, ``"rms"`` (the
             paper's), ``"adam"``, or a :class:`trlib.norms.Norm`.
-        radius: initial radius :math:`\Delta_0` (default depends on the norm, see ``DEFAULTS``).
+        radius: initial radius :math:`\Delta_0`. Default (None): the length
+            :math:`\|\tilde g\|^3 / \tilde g^\top \tilde H \tilde g` of the first Cauchy step
+            in the region's norm (one extra Hessian-vector product, once), which scales with
+            the problem as the steps do; the paper's values (0.05 sphere, 1e-4 RMSProp) are
+            for long runs.
         max_radius: cap on the radius.
         eta1: accept the step when :math:`\rho \ge \eta_1`.
         eta2: grow the radius when :math:`\rho \ge \eta_2`.
@@ -103,14 +108,12 @@ class TrustRegion(torch.optim.Optimizer):
                  module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0):
         rule_norm = norms.get_norm(norm, beta=beta, eps=eps)
         name = rule_norm.name if rule_norm.name in DEFAULTS else None
-        if radius is None:
-            radius = DEFAULTS.get(name, _FALLBACK)["radius"]
         if decrease is None:
             decrease = DEFAULTS.get(name, _FALLBACK)["decrease"]
-        if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
-            raise ValueError(f"Invalid radius: {radius!r} (must be a positive finite number)")
+        if radius is not None and not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+            raise ValueError(f"Invalid radius: {radius!r} (must be a positive finite number, or None for automatic)")
         RadiusRule(eta1, eta2, increase, decrease, max_radius)  # validates
-        if radius > max_radius:
+        if radius is not None and radius > max_radius:
             raise ValueError(f"Invalid radius: {radius!r} exceeds max_radius={max_radius!r}")
         if method not in METHODS:
             raise ValueError(f"Invalid method: {method!r}; expected one of {METHODS}")
@@ -126,7 +129,7 @@ class TrustRegion(torch.optim.Optimizer):
             raise ValueError("Invalid module: hvp='forward_over_reverse' needs the nn.Module (module=model)")
         if not (isinstance(check_every, int) and check_every >= 1):
             raise ValueError(f"Invalid check_every: {check_every!r} (must be a positive int)")
-        defaults = dict(radius=float(radius), max_radius=max_radius, eta1=eta1, eta2=eta2, increase=increase,
+        defaults = dict(radius=None if radius is None else float(radius), max_radius=max_radius, eta1=eta1, eta2=eta2, increase=increase,
                         decrease=decrease, method=method, krylov_tol=krylov_tol, max_krylov=max_krylov,
                         gtol=gtol, hvp=hvp, check_every=check_every)
         super().__init__(params, defaults)
@@ -155,8 +158,8 @@ class TrustRegion(torch.optim.Optimizer):
         return st
 
     @property
-    def radius(self) -> float:
-        """The radius the next step will use."""
+    def radius(self) -> Optional[float]:
+        """The radius the next step will use (None before an automatic first radius is set)."""
         return self._global()["radius"]
 
     @property
@@ -188,6 +191,20 @@ class TrustRegion(torch.optim.Optimizer):
         if st and params:  # the optimizer-wide entry is not moved by torch: follow the parameters
             st["norm_state"] = {k: v.to(params[0].device) if v.is_floating_point() and v.ndim else v
                                 for k, v in st["norm_state"].items()}
+
+    @staticmethod
+    def _first_radius(grad: Tensor, hvp, ellipsoid: Optional[Tensor], max_radius: float) -> float:
+        # The Cauchy step's length in the region's variables u = A^{1/2} s: invariant to
+        # rescaling the loss for the sphere, and scaling like ||s||_A for adaptive norms.
+        scale = None if ellipsoid is None else ellipsoid.rsqrt()
+        g = grad if scale is None else grad * scale
+        gnorm = float(torch.linalg.vector_norm(g))
+        if gnorm == 0.0:
+            return min(1.0, max_radius)
+        hg = hvp(g if scale is None else g * scale)
+        curvature = float(torch.dot(g, hg if scale is None else hg * scale))
+        radius = gnorm**3 / curvature if curvature > 0 and math.isfinite(curvature) else gnorm
+        return float(min(max(radius, 1e-12), max_radius))
 
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
@@ -232,6 +249,9 @@ class TrustRegion(torch.optim.Optimizer):
         ellipsoid = self.norm.update(st["norm_state"], grad)
         grad_norm = float(torch.linalg.vector_norm(grad))
         model_grad = torch.zeros_like(grad) if grad_norm <= group["gtol"] else grad
+        if st["radius"] is None:
+            st["radius"] = self._first_radius(model_grad, hvp, ellipsoid, group["max_radius"])
+            counts["hvp"] += 1
         radius = st["radius"]
         generator = torch.Generator()
         generator.set_state(st["generator"])

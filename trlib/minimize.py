@@ -142,7 +142,7 @@ def minimize(
             trial = fun(x_trial)
         nfev += 1
         f_trial = float(trial.detach())
-        rho = reduction_ratio(f, f_trial, decrease_model)
+        rho = reduction_ratio(f, f_trial, decrease_model, eps=torch.finfo(x.dtype).eps)
         used_radius = radius
         radius, accepted = rule.update(radius, rho)
         if accepted:

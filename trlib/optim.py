@@ -277,7 +277,7 @@ class TrustRegion(torch.optim.Optimizer):
                     trial = closure()
             counts["forward"] += 1
             trial_value = float(trial)
-        rho = reduction_ratio(loss_value, trial_value, model_decrease)
+        rho = reduction_ratio(loss_value, trial_value, model_decrease, eps=torch.finfo(loss.dtype).eps)
         rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
         new_radius, accepted = rule.update(radius, rho)
         if stepped and not accepted:  # restore bit for bit (w + s - s need not equal w)

@@ -10,8 +10,9 @@ The step is accepted when :math:`\rho_t \ge \eta_1`; the radius grows by ``incre
 when the step is rejected (Algorithm 1; Conn, Gould & Toint 2000, Alg. 6.1.1).
 
 Two guards the authors' code lacked: a non-finite trial loss is a rejection (never
-an accepted step), and a model decrease below ``tiny`` (the step is numerically zero)
-counts as perfect agreement, :math:`\rho = 1`, instead of dividing by zero.
+an accepted step), and decreases at rounding level count as agreement (see
+:func:`reduction_ratio`) instead of dividing noise by noise (the authors set
+:math:`\rho = 1` below a fixed threshold of 1e-15).
 
 >>> rule = RadiusRule(eta1=0.1, eta2=0.9, increase=2.0, decrease=4.0, max_radius=10.0)
 >>> rule.update(radius=1.0, rho=0.95)
@@ -28,14 +29,19 @@ from dataclasses import dataclass
 __all__ = ["RadiusRule", "reduction_ratio"]
 
 
-def reduction_ratio(loss: float, trial_loss: float, model_decrease: float, tiny: float = 1e-15) -> float:
-    """:math:`\\rho` = actual / predicted decrease; ``-inf`` for a non-finite trial loss."""
+def reduction_ratio(loss: float, trial_loss: float, model_decrease: float, eps: float = 2.0**-52) -> float:
+    """:math:`\rho` = actual / predicted decrease, guarded against rounding.
+
+    Both decreases are shifted by :math:`\delta = 10\,\epsilon \max(1, |\mathcal L|)`
+    (Conn, Gould & Toint 2000, §17.4.2), with ``eps`` the machine epsilon of the dtype the
+    loss was computed in: when both are at rounding level, :math:`\rho \approx 1` instead of
+    a coin flip, so a converged method is not driven to a zero radius by noise.
+    A non-finite trial loss gives ``-inf`` (a rejection).
+    """
     if not math.isfinite(trial_loss):
         return -math.inf
-    if model_decrease < tiny:
-        # A step the model thinks is worthless: accept if it does not increase the loss.
-        return 1.0 if trial_loss <= loss else -math.inf
-    return (loss - trial_loss) / model_decrease
+    delta = 10.0 * eps * max(1.0, abs(loss))
+    return (loss - trial_loss + delta) / (max(model_decrease, 0.0) + delta)
 
 
 def _positive(name: str, value) -> float:

@@ -30,7 +30,7 @@ __all__ = ["RadiusRule", "reduction_ratio"]
 
 
 def reduction_ratio(loss: float, trial_loss: float, model_decrease: float, eps: float = 2.0**-52) -> float:
-    """:math:`\rho` = actual / predicted decrease, guarded against rounding.
+    r""":math:`\rho` = actual / predicted decrease, guarded against rounding.
 
     Both decreases are shifted by :math:`\delta = 10\,\epsilon \max(1, |\mathcal L|)`
     (Conn, Gould & Toint 2000, §17.4.2), with ``eps`` the machine epsilon of the dtype the

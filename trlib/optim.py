@@ -91,6 +91,12 @@ class TrustRegion(torch.optim.Optimizer):
         check_every: CG looks at its stopping test once every this many products (on a GPU
             each look is a host-device synchronisation).
         seed: seed of the generator for GLTR's random restarts.
+        distributed: data-parallel mode over ``torch.distributed`` (NCCL on GPUs, gloo on
+            CPUs): each process evaluates the closure on its shard of the batch, and the
+            loss, the gradient, every Hessian-vector product and the trial loss are averaged
+            with one all-reduce each, so every process computes the same step. The result
+            equals a single process on the union of the shards (equal shard sizes).
+        process_group: the group to reduce over (default: the world).
 
     ``step(closure)``: ``closure()`` evaluates the mini-batch loss *without* calling
     ``backward`` (the optimizer differentiates it, and calls it again at the trial point
@@ -105,7 +111,8 @@ class TrustRegion(torch.optim.Optimizer):
                  eta1: float = 0.01, eta2: float = 0.95, increase: float = 1.1, decrease: Optional[float] = None,
                  method: str = "cg", krylov_tol: float = 0.1, max_krylov: int = 50, beta: float = 0.8,
                  eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
-                 module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0):
+                 module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0,
+                 distributed: bool = False, process_group=None):
         rule_norm = norms.get_norm(norm, beta=beta, eps=eps)
         name = rule_norm.name if rule_norm.name in DEFAULTS else None
         if decrease is None:
@@ -129,6 +136,9 @@ class TrustRegion(torch.optim.Optimizer):
             raise ValueError("Invalid module: hvp='forward_over_reverse' needs the nn.Module (module=model)")
         if not (isinstance(check_every, int) and check_every >= 1):
             raise ValueError(f"Invalid check_every: {check_every!r} (must be a positive int)")
+        if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("Invalid distributed: torch.distributed is not initialized "
+                             "(call torch.distributed.init_process_group first, e.g. under torchrun)")
         defaults = dict(radius=None if radius is None else float(radius), max_radius=max_radius, eta1=eta1, eta2=eta2, increase=increase,
                         decrease=decrease, method=method, krylov_tol=krylov_tol, max_krylov=max_krylov,
                         gtol=gtol, hvp=hvp, check_every=check_every)
@@ -139,6 +149,16 @@ class TrustRegion(torch.optim.Optimizer):
         self.module = module
         self._seed = int(seed)
         self._backup = None
+        self.distributed = bool(distributed)
+        self.process_group = process_group
+
+    def _mean(self, tensor: Tensor) -> Tensor:
+        """The average over processes (identity when not distributed): one all-reduce."""
+        if not self.distributed:
+            return tensor
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor, group=self.process_group)
+        return tensor.div_(torch.distributed.get_world_size(self.process_group))
 
     # ------------------------------------------------------------------ state
     def _params(self):
@@ -224,7 +244,7 @@ class TrustRegion(torch.optim.Optimizer):
         if not loss.requires_grad:
             raise ValueError("Invalid closure: the loss does not depend on the parameters "
                              "(was it computed under torch.no_grad() or detached?)")
-        loss_value = float(loss.detach())
+        loss_value = float(self._mean(loss.detach()))
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"the loss is {loss_value} at the current parameters (step {st['steps']}); the weights were not "
@@ -232,7 +252,7 @@ class TrustRegion(torch.optim.Optimizer):
         with torch.enable_grad():
             grad_graph = curvature.flat_grad(loss, params, create_graph=double_backward)
         counts["gradient"] += 1
-        grad = grad_graph.detach()
+        grad = self._mean(grad_graph.detach())
         if not bool(torch.all(torch.isfinite(grad))):
             raise NonFiniteLossError(f"the gradient contains NaN/inf at the current parameters (step {st['steps']})")
 
@@ -245,6 +265,12 @@ class TrustRegion(torch.optim.Optimizer):
             def hvp(v, raw=raw):
                 with curvature.frozen_batchnorm_stats(self.module):
                     return raw(v)
+
+        if self.distributed:
+            local_hvp = hvp
+
+            def hvp(v, local_hvp=local_hvp):
+                return self._mean(local_hvp(v))
 
         ellipsoid = self.norm.update(st["norm_state"], grad)
         grad_norm = float(torch.linalg.vector_norm(grad))
@@ -276,7 +302,7 @@ class TrustRegion(torch.optim.Optimizer):
                 with curvature.frozen_batchnorm_stats(self.module):
                     trial = closure()
             counts["forward"] += 1
-            trial_value = float(trial)
+            trial_value = float(self._mean(trial.detach()))
         rho = reduction_ratio(loss_value, trial_value, model_decrease, eps=torch.finfo(loss.dtype).eps)
         rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
         new_radius, accepted = rule.update(radius, rho)

@@ -6,7 +6,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Chapters run in quick mode on the CPU unless told otherwise (TRLIB_MODE=full make book).
 export TRLIB_MODE ?= quick
-export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 BOOK_FLAGS ?= -W -n --keep-going
 NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
@@ -33,7 +32,7 @@ test-lib: $(STAMP)
 	$(PY) -m pytest tests -q -n $(PYTEST_WORKERS) -p no:cacheprovider
 
 test-notebooks: $(STAMP)
-	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=300 -q -n $(PYTEST_WORKERS) -p no:cacheprovider $(NOTEBOOKS)
+	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=300 -q -n $(PYTEST_WORKERS) --dist loadfile -p no:cacheprovider $(NOTEBOOKS)
 
 benchmarks: $(STAMP)
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -128,3 +128,22 @@ def test_forward_over_reverse_needs_module_parameters():
     stranger = nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="params"):
         curvature.functional_loss(lambda: model(torch.zeros(1, 5)).sum(), model, [stranger])
+
+
+def test_batched_products_build_the_same_dense_hessian():
+    model = _bn_cnn()
+    x, y = _data(model)
+    params = list(model.parameters())
+    closure = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    with curvature.frozen_batchnorm_stats(model):
+        g = curvature.flat_grad(closure(), params, create_graph=True)
+        db = curvature.hvp_double_backward(g, params)
+        fr = curvature.hvp_forward_over_reverse(curvature.functional_loss(closure, model, params), params)
+        n = g.numel()
+        looped = trlib.dense_hessian(lambda v: db(v), n, dtype=torch.float64)  # no .batched: one by one
+        batched_db = trlib.dense_hessian(db, n, dtype=torch.float64, chunk=50)
+        batched_fr = trlib.dense_hessian(fr, n, dtype=torch.float64, chunk=50)
+    torch.testing.assert_close(batched_db, looped, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(batched_fr, looped, rtol=1e-9, atol=1e-11)
+    v = torch.randn(n, dtype=torch.float64)
+    torch.testing.assert_close(looped @ v, db(v), rtol=1e-9, atol=1e-11)

@@ -1,0 +1,23 @@
+"""The paper's experiments: every task of :data:`trlib.models.TASKS` x the TR methods and the
+first-order baselines, under a budget, with checkpoints, provenance, tables and a CLI.
+
+Library::
+
+    from trlib.experiments import run, load_results, summarize, format_table
+    log = run("mnist_mlp", "tr_rms", seed=0, budget="5epochs", out="results/", data="auto")
+    print(format_table(summarize(load_results("results/"))))
+
+Command line (``python -m trlib.experiments --help``)::
+
+    python -m trlib.experiments run --task mnist_mlp --method tr_rms sgd --seeds 0 1 2 --budget 20epochs --out results/
+    python -m trlib.experiments table --in results/
+    python -m trlib.experiments plot --in results/ --x backprops --out fig.png
+"""
+
+from .configs import ADAM_GRID, FIRST_ORDER, METHODS, TR_METHODS, get_config, parse_overrides
+from .results import Run, format_table, load_results, load_runs, mean_ci, summarize, write_run
+from .runner import Budget, evaluate, load_data, parse_budget, run
+
+__all__ = ["run", "load_results", "load_runs", "summarize", "format_table", "mean_ci", "get_config",
+           "parse_overrides", "parse_budget", "Budget", "load_data", "evaluate", "write_run", "Run",
+           "METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID"]

@@ -1,0 +1,223 @@
+"""Command line of :mod:`trlib.experiments`: ``python -m trlib.experiments {run,table,plot,config} ...``.
+
+Bad arguments end with a one-line message and exit status 2 (no traceback); a dataset that
+cannot be loaded with ``--data real`` ends with the loader's explanation and status 1; Ctrl-C
+writes a checkpoint, says how to resume, and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from ..models import TASKS
+from .configs import METHODS, get_config, parse_overrides
+from .runner import parse_budget
+
+EPILOG = """examples:
+  python -m trlib.experiments run --task mnist_mlp --method tr_rms sgd --seeds 0 1 2 --budget 20epochs --out results/
+  python -m trlib.experiments run --task all --method all --quick --out results/quick/
+  python -m trlib.experiments table --in results/
+  python -m trlib.experiments plot --in results/ --x backprops --out fig.png
+  python -m trlib.experiments config --task mnist_conv --method tr_rms
+"""
+
+
+def _budget(text):
+    try:
+        return parse_budget(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _unit_interval(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _names(values, valid, what, parser):
+    if "all" in values:
+        return list(valid)
+    bad = [v for v in values if v not in valid]
+    if bad:
+        parser.error(f"unknown {what} {', '.join(map(repr, bad))}; valid: all, {', '.join(valid)}")
+    return list(dict.fromkeys(values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trlib.experiments", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Train the paper's tasks with trust-region and first-order methods, and summarise the results.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,table,plot,config}", required=True)
+
+    p = sub.add_parser("run", help="train (task, method, seed) combinations under a budget",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train every combination of --task, --method and --seeds. Each run writes "
+                                   "OUT/<task>__<method>__<dataset>__seed<k>.jsonl and a checkpoint in "
+                                   "OUT/checkpoints/; rerunning the same command resumes unfinished runs.")
+    p.add_argument("--task", nargs="+", required=True, metavar="TASK",
+                   help=f"one or more of: all, {', '.join(TASKS)}")
+    p.add_argument("--method", nargs="+", required=True, metavar="METHOD",
+                   help=f"one or more of: all, {', '.join(METHODS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="seeds (default: 0)")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="work per run: e.g. 20epochs, 5000backprops, 300s (training seconds); "
+                        "required unless --quick (default there: 10epochs)")
+    p.add_argument("--out", type=Path, required=True, help="folder for results and checkpoints")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--data", choices=("auto", "real", "stand-in"), default="auto",
+                   help="auto: the real dataset if it can be loaded or downloaded, else its offline stand-in "
+                        "(announced); real: fail if missing; stand-in: the offline stand-in (default: auto)")
+    p.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: $TRLIB_DATA or "
+                   "~/.cache/trlib/data)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny runs for a CPU: stand-in data, warm-ups of at most 1 epoch, evaluation every "
+                        "1/4 epoch, 1 thread")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override settings of every run, e.g. --set lr=3e-3 eval_every=0.5 "
+                        "(see the config command for the keys)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick)")
+    p.add_argument("--fresh", action="store_true", help="discard existing checkpoints and results of these runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("table", help="backprops/epochs/seconds to 99%% training accuracy, final loss and "
+                                     "test accuracy: mean and 95%% CI over seeds")
+    t.add_argument("--in", dest="inp", type=Path, required=True, help="a results folder or .jsonl file")
+    t.add_argument("--format", choices=("text", "markdown", "csv"), default="text", help="default: text")
+    t.add_argument("--threshold", type=_unit_interval, default=0.99, help="training accuracy (default: 0.99)")
+
+    g = sub.add_parser("plot", help="curves with 95%% confidence bands over seeds")
+    g.add_argument("--in", dest="inp", type=Path, required=True, help="a results folder or .jsonl file")
+    g.add_argument("--x", choices=("backprops", "epochs", "time"), default="backprops", help="default: backprops")
+    g.add_argument("--y", nargs="+", choices=("train_loss", "train_acc", "test_acc", "test_loss"),
+                   default=["train_loss", "train_acc"], help="one panel column each (default: train_loss train_acc)")
+    g.add_argument("--out", type=Path, required=True, help="image file (.png, .pdf, .svg)")
+
+    c = sub.add_parser("config", help="print the settings of a (task, method) as JSON")
+    c.add_argument("--task", required=True, choices=list(TASKS))
+    c.add_argument("--method", required=True, choices=list(METHODS))
+    c.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    return parser
+
+
+def _cmd_run(args, parser) -> int:
+    import torch
+
+    from ..data import DatasetUnavailableError
+    from .runner import load_data, run
+
+    tasks = _names(args.task, list(TASKS), "task", parser)
+    methods = _names(args.method, list(METHODS), "method", parser)
+    if any(s < 0 for s in args.seeds):
+        parser.error("seeds must be >= 0")
+    if args.budget is None and not args.quick:
+        parser.error("the following arguments are required: --budget (or use --quick)")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    budget = args.budget or parse_budget("10epochs")
+    try:
+        overrides = parse_overrides(args.overrides)
+        for task in tasks:  # every setting checked before any work starts
+            for method in methods:
+                get_config(task, method, **overrides)
+        device = torch.device(args.device)
+    except (ValueError, RuntimeError) as err:
+        parser.error(str(err))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    data = "stand-in" if args.quick and args.data == "auto" else args.data
+    for task in tasks:
+        try:
+            datasets = load_data(task, data, device=device, root=args.data_root)
+        except DatasetUnavailableError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        for method in methods:
+            for seed in args.seeds:
+                try:
+                    log = run(task, method, seed, budget, out=args.out, device=device, quick=args.quick,
+                              overrides=overrides, progress=not args.no_progress, fresh=args.fresh,
+                              threads=args.threads, datasets=datasets)
+                except KeyboardInterrupt:
+                    print(f"\ninterrupted: {task} {method} seed {seed}; the checkpoint is in {args.out / 'checkpoints'}."
+                          " Run the same command again to resume.", file=sys.stderr)
+                    return 130
+                except ValueError as err:  # e.g. a checkpoint made with other settings
+                    print(f"error: {err}", file=sys.stderr)
+                    return 1
+                last = log[-1]
+                acc = "" if last["train_acc"] is None else f", train acc {100 * last['train_acc']:.1f}%"
+                acc += "" if math.isfinite(last["train_loss"]) else " (diverged)"
+                print(f"{task} {method} seed {seed} on {last['dataset']}: {last['epoch']:.2f} epochs, "
+                      f"{last['backprops']} backprops, {last['time']:.1f} s, train loss {last['train_loss']:.4g}{acc}",
+                      flush=True)
+    return 0
+
+
+def _load(args, parser):
+    from .results import load_runs
+
+    try:
+        runs = load_runs(args.inp)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    if not any(r.records for r in runs):
+        parser.error(f"no results in {args.inp}")
+    unfinished = [f"{r.path.name} ({r.provenance.get('status')})" for r in runs
+                  if r.provenance.get("status") not in ("complete",)]
+    if unfinished:
+        print("note: not complete: " + ", ".join(unfinished), file=sys.stderr)
+    return [rec for r in runs for rec in r.records]
+
+
+def _cmd_table(args, parser) -> int:
+    from .results import format_table, summarize
+
+    records = _load(args, parser)
+    print(format_table(summarize(records, args.threshold), args.format, args.threshold), end="")
+    return 0
+
+
+def _cmd_plot(args, parser) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .. import plotting
+
+    records = _load(args, parser)
+    fig = plotting.plot_comparison(records, x=args.x, ys=args.y)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(args.out, dpi=120, bbox_inches="tight")
+    except ValueError as err:  # e.g. an unknown image format
+        parser.error(f"--out {args.out}: {err}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_config(args, parser) -> int:
+    try:
+        cfg = get_config(args.task, args.method, **parse_overrides(args.overrides))
+    except ValueError as err:
+        parser.error(str(err))
+    print(json.dumps(cfg, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    return {"run": _cmd_run, "table": _cmd_table, "plot": _cmd_plot, "config": _cmd_config}[args.command](args, sub)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Results on disk, loading, and the summary table.
+
+Format: one JSON-lines file per run, ``<task>__<method>__<dataset>__seed<k>.jsonl``. Its first
+line is ``{"provenance": {...}}`` (task, method, seed, the full configuration, budget and
+budget spent, status ``running``/``interrupted``/``complete``/``diverged``, dataset name,
+display name and whether it is a stand-in, device, torch/trlib/Python versions, git commit,
+dates); every other line is one log record (see :func:`trlib.experiments.run`). Non-finite
+numbers are written as Python's json writes them (``NaN``, ``Infinity``). Files are rewritten
+atomically, so a reader never sees half a file.
+
+>>> import tempfile, os
+>>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
+>>> write_run(path, {"task": "t", "status": "complete"}, [{"method": "sgd", "train_loss": 0.5}])
+>>> load_results(path)
+[{'method': 'sgd', 'train_loss': 0.5}]
+>>> mean_ci([1.0, 2.0, 3.0])   # 2 +- t(0.975, 2) * 1 / sqrt(3)  # doctest: +ELLIPSIS
+(2.0, 2.484...)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from .configs import METHODS
+
+__all__ = ["Run", "write_run", "read_run", "load_runs", "load_results", "mean_ci", "first_reach",
+           "group_runs", "summarize", "format_table"]
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Run:
+    """One run read from disk: its provenance header and its log records."""
+
+    path: Path
+    provenance: Dict[str, Any]
+    records: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def write_run(path: PathLike, provenance: Dict[str, Any], records: Iterable[Dict[str, Any]]) -> None:
+    """Write one run (atomically: a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"provenance": provenance}) + "\n")
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
+
+
+def read_run(path: PathLike) -> Run:
+    """One run file; ValueError naming the file and line when it is not a run."""
+    path = Path(path)
+    run = None
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+            if run is None:
+                if not (isinstance(obj, dict) and set(obj) == {"provenance"}):
+                    raise ValueError(f"{path}:{number}: a run file starts with a provenance line")
+                run = Run(path, obj["provenance"])
+            else:
+                run.records.append(obj)
+    if run is None:
+        raise ValueError(f"{path}: empty file, not a run")
+    return run
+
+
+def load_runs(path: PathLike) -> List[Run]:
+    """Every run in ``path``: one ``.jsonl`` file, or a folder searched recursively."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.jsonl") if not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no results at {path}")
+    return [read_run(p) for p in files]
+
+
+def load_results(path: PathLike) -> List[Dict[str, Any]]:
+    """The log records of every run in ``path`` (a file or a folder), run after run."""
+    return [rec for run in load_runs(path) for rec in run.records]
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float]:
+    """Mean and half-width of the ``confidence`` interval of the mean (Student's t with
+    n - 1 degrees of freedom). The half-width is NaN for fewer than two values."""
+    from scipy import stats
+
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
+    mean = math.fsum(xs) / n
+    if n < 2:
+        return mean, math.nan
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def group_runs(records: Iterable[Dict[str, Any]]) -> Dict[tuple, Dict[int, List[Dict[str, Any]]]]:
+    """``{(task, dataset, method): {seed: records sorted by step}}``."""
+    groups: Dict[tuple, Dict[int, List[Dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        groups[(rec["task"], rec["dataset"], rec["method"])][rec["seed"]].append(rec)
+    return {k: {seed: sorted(v, key=lambda r: r["step"]) for seed, v in sorted(runs.items())}
+            for k, runs in groups.items()}
+
+
+def first_reach(records: Sequence[Dict[str, Any]], metric: str = "train_acc",
+                threshold: float = 0.99) -> Optional[Dict[str, Any]]:
+    """The first record (of one run, in step order) whose ``metric`` is at least
+    ``threshold``, or None. Its backprops/epoch/time are an upper bound on the true
+    crossing point (evaluations are ``eval_every`` apart)."""
+    for rec in records:
+        value = rec.get(metric)
+        if value is not None and value >= threshold:
+            return rec
+    return None
+
+
+_COSTS = (("backprops", "backprops"), ("epochs", "epoch"), ("seconds", "time"))
+
+
+def summarize(records: Iterable[Dict[str, Any]], threshold: float = 0.99,
+              confidence: float = 0.95) -> List[Dict[str, Any]]:
+    """One row per (task, dataset, method): how many seeds, how many reached ``threshold``
+    training accuracy, the mean and CI half-width over those of backprops, epochs and seconds
+    to get there, and over all seeds of the final training loss and test accuracy.
+
+    Row keys: ``task, dataset, method, seeds, reached`` (seeds that reached it),
+    ``backprops, epochs, seconds, final_train_loss, final_train_acc, final_test_acc``
+    (each ``(mean, half_width)``; None where not applicable, e.g. accuracy of an autoencoder
+    or a cost that no seed reached).
+    """
+    rows = []
+    for (task, dataset, method), runs in group_runs(records).items():
+        finals = [recs[-1] for recs in runs.values()]
+        classifier = finals[0].get("train_acc") is not None
+        hits = {seed: first_reach(recs, "train_acc", threshold) for seed, recs in runs.items()} if classifier else {}
+        reached = [seed for seed, hit in hits.items() if hit is not None]
+        row = dict(task=task, dataset=dataset, method=method, seeds=list(runs), reached=reached if classifier else None)
+        for name, key in _COSTS:
+            row[name] = mean_ci([hits[s][key] for s in reached], confidence) if reached else None
+        for name in ("train_loss", "train_acc", "test_acc"):
+            values = [r[name] for r in finals if r.get(name) is not None]
+            row[f"final_{name}"] = mean_ci(values, confidence) if values else None
+        rows.append(row)
+    order = {m: i for i, m in enumerate(METHODS)}  # TR methods first, then the baselines
+    return sorted(rows, key=lambda r: (r["task"], r["dataset"], order.get(r["method"], len(order)), r["method"]))
+
+
+# --- the table ------------------------------------------------------------------------------
+
+def _pm(ci, fmt) -> str:
+    mean, hw = ci
+    return fmt(mean) if math.isnan(hw) else f"{fmt(mean)} ± {fmt(hw)}"
+
+
+def _cells(row: Dict[str, Any], threshold: float) -> List[str]:
+    n = len(row["seeds"])
+    out = [row["method"], str(n)]
+    if row["reached"] is None:
+        out.append("n/a")
+        out += ["n/a (no accuracy)"] * 3
+    else:
+        k = len(row["reached"])
+        out.append(f"{k}/{n}")
+        for (name, _), fmt in zip(_COSTS, (lambda v: f"{v:,.0f}", lambda v: f"{v:.2f}", lambda v: f"{v:.2f}")):
+            if not k:
+                out.append(f"never reached {threshold:.0%}")
+            else:
+                out.append(_pm(row[name], fmt) + ("" if k == n else f" ({k}/{n} seeds)"))
+    out.append(_pm(row["final_train_loss"], lambda v: f"{v:.4g}"))
+    out.append("n/a" if row["final_test_acc"] is None else _pm(row["final_test_acc"], lambda v: f"{100 * v:.1f}%"))
+    return out
+
+
+def format_table(rows: Sequence[Dict[str, Any]], fmt: str = "text", threshold: float = 0.99,
+                 confidence: float = 0.95) -> str:
+    """Render :func:`summarize`'s rows as ``"text"``, ``"markdown"`` or ``"csv"`` (raw numbers).
+
+    Text and markdown print one table per (task, dataset), titled with the dataset's display
+    name, cells as ``mean ± half-width`` of the ``confidence`` interval over seeds."""
+    if fmt not in ("text", "markdown", "csv"):
+        raise ValueError(f"invalid table format {fmt!r}; expected 'text', 'markdown' or 'csv'")
+    if fmt == "csv":
+        return _csv(rows)
+    pct = f"{threshold:.0%}"
+    head = ["method", "seeds", f"reached {pct}", f"backprops to {pct}", f"epochs to {pct}",
+            f"seconds to {pct}", "final train loss", "final test acc"]
+    blocks = []
+    by_task: Dict[tuple, list] = defaultdict(list)
+    for row in rows:
+        by_task[(row["task"], row["dataset"])].append(row)
+    for (task, dataset), group in by_task.items():
+        body = [_cells(r, threshold) for r in group]
+        title = f"{task} on {dataset}: mean ± {confidence:.0%} CI over seeds (Student t)"
+        if fmt == "markdown":
+            lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(r) + " |" for r in body]
+        else:
+            widths = [max(len(c) for c in col) for col in zip(head, *body)]
+            lines = [title, "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body]
+        blocks.append("\n".join(lines))
+    note = (f"Costs to {pct} training accuracy are measured at the first evaluation at or above it; "
+            "'(k/n seeds)': mean over the k seeds that reached it.")
+    return "\n\n".join(blocks + [note]) + "\n"
+
+
+def _csv(rows) -> str:
+    buf = io.StringIO()
+    fields = ["task", "dataset", "method", "seeds", "reached"]
+    stats = ["backprops", "epochs", "seconds", "final_train_loss", "final_train_acc", "final_test_acc"]
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(fields + [f"{s}_{part}" for s in stats for part in ("mean", "ci")])
+    for row in rows:
+        line = [row["task"], row["dataset"], row["method"], len(row["seeds"]),
+                "" if row["reached"] is None else len(row["reached"])]
+        for s in stats:
+            line += ["", ""] if row[s] is None else [repr(row[s][0]), repr(row[s][1])]
+        writer.writerow(line)
+    return buf.getvalue()

@@ -1,0 +1,546 @@
+"""Run one (task, method, seed) under a budget, with checkpoints, resumption and provenance.
+
+What one run measures, and how:
+
+* **work** is counted in backprops (the paper's unit): for the TR methods
+  ``opt.backprops`` (gradients + Hessian-vector products), for a first-order method one per
+  mini-batch; in epochs (samples drawn / training-set size); and in seconds of training
+  (the clock stops for evaluations and checkpoints; on CUDA it reads after
+  ``torch.cuda.synchronize``). A warm-up counts in all three.
+* **evaluation** (training loss and accuracy on the whole training set, test loss and
+  accuracy) runs every ``eval_every`` epochs, in eval mode under ``torch.no_grad()``, and
+  is no work: it changes none of the counters and no random state.
+* the TR batch grows as in the paper when the full training loss, checked every
+  ``check_every`` epochs, did not decrease (that check is part of the algorithm: it is timed,
+  but as a forward-only pass it adds no backprops).
+* a **checkpoint** (model, optimizer, RNG states, position in the epoch's data order, log,
+  budget spent) is written after every epoch, when Ctrl-C arrives (it is honoured at the end
+  of the current step, so the checkpoint is always consistent; a second Ctrl-C stops at
+  once), and at the end. Calling :func:`run` again with the same arguments resumes and gives
+  exactly the log of an uninterrupted run, bit for bit on the CPU (except the wall-clock
+  ``time``; on CUDA, kernels need not be deterministic); a larger budget continues a finished
+  run. A killed process loses at most the epoch in progress.
+
+Example (a few seconds on a CPU):
+
+>>> from trlib.experiments import run
+>>> log = run("mnist_mlp", "sgd", seed=0, budget="2epochs", data="stand-in", progress=False, verbose=False)
+>>> [round(r["epoch"], 2) for r in log], log[-1]["backprops"]   # 1,437 digits, batch 128: 12 steps/epoch
+([0.0, 1.0, 2.0], 24)
+>>> log[-1]["dataset"]
+'sklearn digits (offline stand-in for MNIST)'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..data import DatasetUnavailableError, dataset_info, load_dataset, stand_in
+from ..models import build_model, get_task
+from ..optim import NonFiniteLossError, TrustRegion
+from .configs import FIRST_ORDER, get_config
+from .results import write_run
+
+__all__ = ["Budget", "parse_budget", "run", "load_data", "run_id", "Objective", "evaluate"]
+
+_UNITS = {"backprops": "backprops", "backprop": "backprops", "bp": "backprops",
+          "epochs": "epochs", "epoch": "epochs", "ep": "epochs",
+          "s": "seconds", "sec": "seconds", "secs": "seconds", "seconds": "seconds", "second": "seconds"}
+_CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much work a run may do: ``amount`` of ``unit`` (backprops, epochs or seconds).
+
+    >>> parse_budget("20epochs"), parse_budget("5000backprops"), parse_budget("300s")
+    (Budget(20.0, 'epochs'), Budget(5000.0, 'backprops'), Budget(300.0, 'seconds'))
+    """
+
+    amount: float
+    unit: str
+
+    def __repr__(self) -> str:
+        return f"Budget({self.amount!r}, {self.unit!r})"
+
+    def __str__(self) -> str:
+        amount = int(self.amount) if float(self.amount).is_integer() else self.amount
+        return f"{amount}{'s' if self.unit == 'seconds' else self.unit}"
+
+
+def parse_budget(budget: Union[str, Budget]) -> Budget:
+    """``"20epochs"``, ``"5000backprops"``, ``"300s"`` (also ``"2.5 epochs"``, ``"60sec"``) -> Budget."""
+    if isinstance(budget, Budget):
+        return budget
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]+)\s*", str(budget).lower())
+    if not m or m.group(2) not in _UNITS or not float(m.group(1)) > 0:
+        raise ValueError(f"invalid budget {budget!r}: expected a positive number followed by a unit, "
+                         "e.g. '20epochs', '5000backprops' or '300s'")
+    return Budget(float(m.group(1)), _UNITS[m.group(2)])
+
+
+# --- data ------------------------------------------------------------------------------
+
+def load_data(task: str, data: str = "auto", *, device="cpu", root=None, verbose: bool = True):
+    """The (train, test) datasets of ``task``: ``data`` is ``"real"`` (DatasetUnavailableError
+    when missing), ``"stand-in"`` (the offline stand-in, e.g. sklearn digits for MNIST) or
+    ``"auto"`` (real if it can be loaded or downloaded, else the stand-in, announced on stderr).
+    A stand-in is marked: ``is_stand_in=True`` and a display name such as
+    ``"sklearn digits (offline stand-in for MNIST)"``.
+    """
+    name = get_task(task).dataset
+    if data not in ("auto", "real", "stand-in"):
+        raise ValueError(f"invalid data {data!r}; expected 'auto', 'real' or 'stand-in'")
+    why = "--data stand-in was asked for"
+    if data != "stand-in":
+        try:
+            return tuple(load_dataset(name, root=root, train=t, device=device) for t in (True, False))
+        except DatasetUnavailableError as err:
+            if data == "real" or stand_in(name) == name:
+                raise
+            why = str(err).splitlines()[0]
+    alt = stand_in(name)
+    splits = []
+    for train in (True, False):
+        ds = load_dataset(alt, root=root, train=train, device=device)
+        if alt != name:  # marked as load_dataset_or_stand_in does
+            ds = dataclasses.replace(ds, is_stand_in=True, stand_in_for=name, display_name=(
+                f"{ds.display_name} (offline stand-in for {dataset_info(name).display_name})"))
+        splits.append(ds)
+    if verbose and alt != name:
+        print(f"NOTE: {splits[0].display_name} is used, not {dataset_info(name).display_name}: {why}.",
+              file=sys.stderr, flush=True)
+    return tuple(splits)
+
+
+# --- loss and evaluation -----------------------------------------------------------------
+
+class Objective:
+    """The training objective of a task: cross-entropy + ``l2`` * (sum of squared parameters)
+    for classifiers, the per-image squared reconstruction error (summed over pixels, averaged
+    over images) for autoencoders. ``objective(model(x), target)`` is the mini-batch loss."""
+
+    def __init__(self, kind: str, model: torch.nn.Module, l2: float):
+        self.classification = kind == "classification"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.l2 = float(l2)
+
+    def target(self, x, y):
+        return y if self.classification else x
+
+    def data_sum(self, out, target):
+        """The data term summed over the batch (not averaged)."""
+        if self.classification:
+            return F.cross_entropy(out, target, reduction="sum")
+        return (out - target).pow(2).sum()
+
+    def penalty(self):
+        if not self.l2:
+            return 0.0
+        return self.l2 * sum(p.pow(2).sum() for p in self.params)
+
+    def __call__(self, out, target):
+        return self.data_sum(out, target) / out.shape[0] + self.penalty()
+
+
+@torch.no_grad()
+def evaluate(model, objective: Objective, data, batch_size: int = 4096):
+    """(loss, accuracy) on the whole of ``data`` in eval mode; accuracy is None for autoencoders."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros((), dtype=torch.float64, device=data.x.device)
+        correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
+        for start in range(0, len(data), batch_size):
+            x, y = data.x[start:start + batch_size], data.y[start:start + batch_size]
+            out = model(x)
+            total += objective.data_sum(out, objective.target(x, y)).double()
+            if objective.classification:
+                correct += (out.argmax(1) == y).sum()
+        loss = float(total) / len(data) + float(objective.penalty())
+        return loss, (int(correct) / len(data) if objective.classification else None)
+    finally:
+        model.train(was_training)
+
+
+# --- provenance -------------------------------------------------------------------------
+
+def _git_commit() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:  # installed with pip from git (e.g. on Colab): pip records the commit
+        from importlib.metadata import distribution
+        info = json.loads(distribution("trlib-torch").read_text("direct_url.json") or "{}")
+        return info.get("vcs_info", {}).get("commit_id")
+    except Exception:
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine() or 'CPU'} ({os.cpu_count()} cores)"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_id(task: str, method: str, dataset: str, seed: int) -> str:
+    """File stem of a run: ``mnist_mlp__tr_rms__digits__seed0``."""
+    return f"{task}__{method}__{dataset}__seed{seed}"
+
+
+# --- the training loop ------------------------------------------------------------------
+
+def _first_order(name: str, params, lr: float) -> torch.optim.Optimizer:
+    return getattr(torch.optim, FIRST_ORDER[name])(params, lr=lr)
+
+
+class _Trainer:
+    """The state of one run and the step that advances it. Everything needed to resume
+    lives in ``self.s`` (plain Python values and CPU tensors), the model, the optimizer
+    and the batch generator."""
+
+    def __init__(self, cfg: Dict[str, Any], train, test, device: torch.device, seed: int):
+        self.cfg, self.train, self.test, self.device, self.seed = cfg, train, test, device, seed
+        torch.manual_seed(seed)  # the initial weights
+        self.model = build_model(cfg["task"], dataset=train).to(device)
+        self.model.train()
+        self.objective = Objective(get_task(cfg["task"]).loss, self.model, cfg["l2"])
+        self.gen = torch.Generator().manual_seed(seed)  # data order, on the CPU on every device
+        self.n = len(train)
+        self.tr = cfg["kind"] == "tr"
+        warm = self.tr and cfg["warmup_epochs"] > 0
+        self.s: Dict[str, Any] = dict(
+            phase="warmup" if warm else "main", steps=0, backprops=0, samples=0, seconds=0.0, epochs_done=0,
+            order=None, position=0, batch_size=min(cfg["warmup_batch_size"] if warm else cfg["batch_size"], self.n),
+            check_loss=None, next_eval=0, status="running", log=[])
+        self.opt = self._optimizer()
+
+    # the optimizer of the current phase
+    def _optimizer(self):
+        cfg, params = self.cfg, self.model.parameters()
+        if self.s["phase"] == "warmup":
+            return _first_order(cfg["warmup_method"], params, cfg["warmup_lr"])
+        if not self.tr:
+            return _first_order(cfg["method"], params, cfg["lr"])
+        return TrustRegion(params, norm=cfg["norm"], radius=cfg["radius"], max_radius=cfg["max_radius"],
+                           eta1=cfg["eta1"], eta2=cfg["eta2"], increase=cfg["increase"], decrease=cfg["decrease"],
+                           method=cfg["subproblem"], krylov_tol=cfg["krylov_tol"], max_krylov=cfg["max_krylov"],
+                           module=self.model, seed=self.seed)
+
+    def spent(self, unit: str) -> float:
+        s = self.s
+        return {"backprops": s["backprops"], "epochs": s["samples"] / self.n, "seconds": s["seconds"]}[unit]
+
+    def exhausted(self, budget: Budget) -> bool:
+        if budget.unit == "epochs":  # exact integer arithmetic: 20 epochs are exactly 20 n samples
+            return self.s["samples"] >= math.ceil(budget.amount * self.n - 1e-9)
+        return self.spent(budget.unit) >= budget.amount
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self) -> None:
+        """One mini-batch step, and the end of the epoch if it completes one (timed)."""
+        s = self.s
+        self._sync()
+        t0 = time.perf_counter()
+        if self.tr and s["phase"] == "main" and s["check_loss"] is None:  # the batch schedule's baseline
+            s["check_loss"] = self._full_loss()
+        if s["order"] is None:
+            s["order"], s["position"] = torch.randperm(self.n, generator=self.gen), 0
+            self._order = s["order"].to(self.device)
+        elif not hasattr(self, "_order"):
+            self._order = s["order"].to(self.device)
+        idx = self._order[s["position"]:s["position"] + s["batch_size"]]
+        xb, yb = self.train.x[idx], self.train.y[idx]
+        target = self.objective.target(xb, yb)
+        if isinstance(self.opt, TrustRegion):
+            before = self.opt.backprops
+            try:
+                self.opt.step(lambda: self.objective(self.model(xb), target))
+            except NonFiniteLossError:
+                s["status"] = "diverged"
+            s["backprops"] += self.opt.backprops - before
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            self.objective(self.model(xb), target).backward()
+            self.opt.step()
+            s["backprops"] += 1
+        s["steps"] += 1
+        s["samples"] += len(idx)
+        s["position"] += len(idx)
+        if s["position"] >= self.n:
+            self._end_epoch()
+        self._sync()
+        s["seconds"] += time.perf_counter() - t0
+
+    def _full_loss(self) -> float:
+        return evaluate(self.model, self.objective, self.train, self.cfg["eval_batch_size"])[0]
+
+    def _end_epoch(self) -> None:
+        s, cfg = self.s, self.cfg
+        s["epochs_done"] += 1
+        s["order"], s["position"] = None, 0
+        if s["phase"] == "warmup":
+            if s["epochs_done"] >= cfg["warmup_epochs"]:
+                s["phase"], s["batch_size"] = "main", min(cfg["batch_size"], self.n)
+                self.opt = self._optimizer()
+        elif self.tr and (s["epochs_done"] - cfg["warmup_epochs"]) % cfg["check_every"] == 0:
+            loss = self._full_loss()
+            if not loss < s["check_loss"]:
+                cap = max(s["batch_size"], int(cfg["batch_cap"] * self.n))
+                s["batch_size"] = min(math.ceil(s["batch_size"] * cfg["batch_growth"]), cap, self.n)
+            s["check_loss"] = loss
+
+    def record(self) -> Dict[str, Any]:
+        """Evaluate (no work counted) and append a log record."""
+        s, cfg = self.s, self.cfg
+        train_loss, train_acc = evaluate(self.model, self.objective, self.train, cfg["eval_batch_size"])
+        test_loss, test_acc = evaluate(self.model, self.objective, self.test, cfg["eval_batch_size"])
+        tr = isinstance(self.opt, TrustRegion)
+        rec = dict(task=cfg["task"], method=cfg["method"], seed=self.seed, dataset=self.train.display_name,
+                   stand_in=self.train.is_stand_in, step=s["steps"], epoch=s["samples"] / self.n,
+                   backprops=s["backprops"], time=s["seconds"], train_loss=train_loss, train_acc=train_acc,
+                   test_loss=test_loss, test_acc=test_acc, phase=s["phase"], batch_size=s["batch_size"],
+                   radius=self.opt.radius if tr else None,
+                   lr=None if tr else self.opt.param_groups[0]["lr"])
+        s["log"].append(rec)
+        if not math.isfinite(train_loss):
+            s["status"] = "diverged"
+        interval = max(1, round(cfg["eval_every"] * self.n))
+        s["next_eval"] = (s["samples"] // interval + 1) * interval
+        return rec
+
+    # checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and self.device.type == "cuda" else []
+        return dict(version=_CHECKPOINT_VERSION, config=self.cfg, seed=self.seed, state=self.s,
+                    model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+                    rng=dict(torch=torch.get_rng_state(), cuda=cuda, batches=self.gen.get_state()))
+
+    def load_state_dict(self, ck: Dict[str, Any]) -> None:
+        self.s = ck["state"]
+        self.model.load_state_dict(ck["model"])
+        self.opt = self._optimizer()
+        self.opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if ck["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        self.gen.set_state(ck["rng"]["batches"])
+        self.__dict__.pop("_order", None)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Turn the first Ctrl-C into a flag read between steps (so the checkpoint written for it
+    is consistent); a second Ctrl-C interrupts at once. Only in the main thread."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler not installed from Python: leave it alone
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["set"] = True
+        signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not allowed here (e.g. an embedded interpreter): no deferral
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
+        out: Union[str, os.PathLike, None] = None, data: str = "auto", device: Union[str, torch.device] = "cpu",
+        quick: bool = False, overrides: Optional[Dict[str, Any]] = None, progress: bool = True,
+        verbose: bool = True, fresh: bool = False, threads: Optional[int] = None, data_root=None,
+        datasets=None, on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+    """Train ``method`` on ``task`` from seed ``seed`` until ``budget`` is spent; return the log.
+
+    Args:
+        task: a name of :data:`trlib.models.TASKS`; method: one of :data:`METHODS`.
+        budget: ``"20epochs"``, ``"5000backprops"``, ``"300s"`` (training seconds) or a Budget.
+        out: folder for ``<run_id>.jsonl`` (results with provenance) and
+            ``checkpoints/<run_id>.pt``; None keeps everything in memory (no resumption).
+            An existing checkpoint of the same run is resumed (a finished run with an
+            equal or smaller budget is returned as it is; a larger budget continues it).
+        data: ``"auto"``, ``"real"`` or ``"stand-in"`` (see :func:`load_data`).
+        quick: tiny-budget mode for the book: the offline stand-in (unless ``data="real"``),
+            warm-ups capped at 1 epoch, evaluation every 1/4 epoch, 1 CPU thread.
+        overrides: settings replacing those of :func:`get_config` (e.g. ``{"lr": 3e-3}``).
+        fresh: delete an existing checkpoint and results of this run first.
+        threads: torch CPU threads during the run (None: unchanged). On small models and
+            shared CPUs one thread is much faster than several.
+        datasets: (train, test) already loaded by :func:`load_data` (saves reloading).
+        on_step: called after every step with ``{"steps", "backprops", "epoch", "seconds"}``
+            (progress reports; an exception raised there interrupts the run, and a
+            KeyboardInterrupt writes a checkpoint first).
+
+    Returns the list of log records: ``task, method, seed, dataset`` (display name),
+    ``stand_in, step, epoch, backprops, time, train_loss, train_acc, test_loss, test_acc,
+    phase, batch_size, radius, lr``. ``train_acc``/``test_acc`` are None for autoencoders.
+    """
+    budget = parse_budget(budget)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but CUDA is not available here")
+    overrides = dict(overrides or {})
+    if quick:
+        data = "stand-in" if data == "auto" else data
+        threads = 1 if threads is None else threads
+        overrides.setdefault("eval_every", 0.25)
+        base = get_config(task, method)
+        if base.get("warmup_epochs", 0) > 1:
+            overrides.setdefault("warmup_epochs", 1)
+    cfg = get_config(task, method, **overrides)
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"invalid seed {seed!r}: expected an int >= 0")
+    train, test = datasets if datasets is not None else load_data(task, data, device=device, root=data_root,
+                                                                 verbose=verbose)
+    train, test = train.to(device), test.to(device)
+    rid = run_id(task, method, train.name, seed)
+    paths = None
+    if out is not None:
+        folder = Path(out)
+        paths = folder / f"{rid}.jsonl", folder / "checkpoints" / f"{rid}.pt"
+        paths[1].parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for p in paths:
+                p.unlink(missing_ok=True)
+    with _threads(threads):
+        trainer = _Trainer(cfg, train, test, device, seed)
+        provenance = dict(task=task, method=method, seed=seed, config=cfg, budget=str(budget), status="running",
+                          dataset=dict(name=train.name, display_name=train.display_name,
+                                       is_stand_in=train.is_stand_in, stand_in_for=train.stand_in_for,
+                                       n_train=len(train), n_test=len(test)),
+                          device=_device_name(device), device_type=device.type, threads=torch.get_num_threads(),
+                          torch=str(torch.__version__), trlib=__version__, python=platform.python_version(),
+                          git_commit=_git_commit(), started=_now(), sessions=[_now()])
+        if paths and paths[1].exists():
+            # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
+            ck = torch.load(paths[1], map_location="cpu", weights_only=True)
+            if ck.get("version") != _CHECKPOINT_VERSION or ck["config"] != cfg:
+                diff = sorted(k for k in set(cfg) | set(ck.get("config", {})) if cfg.get(k) != ck["config"].get(k))
+                raise ValueError(f"the checkpoint {paths[1]} belongs to a run with other settings (differing: "
+                                 f"{', '.join(diff) or 'checkpoint version'}); pass fresh=True (--fresh) to "
+                                 "start over, or another output folder")
+            trainer.load_state_dict(ck)
+            if trainer.s["status"] == "complete":  # a larger budget continues it
+                trainer.s["status"] = "running"
+            provenance.update(started=ck["provenance"]["started"],
+                              sessions=ck["provenance"]["sessions"] + [_now()])
+            if verbose:
+                print(f"resuming {rid} from {paths[1]} ({trainer.s['steps']} steps done)", file=sys.stderr)
+
+        def save(status):
+            if not paths:
+                return
+            s = trainer.s
+            provenance.update(status=status, finished=_now() if status != "running" else None,
+                              budget_spent=dict(backprops=s["backprops"], epochs=s["samples"] / trainer.n,
+                                                seconds=s["seconds"], steps=s["steps"]))
+            _atomic_save(dict(trainer.state_dict(), provenance=provenance), paths[1])
+            write_run(paths[0], provenance, s["log"])
+
+        return _loop(trainer, budget, save, progress, on_step, rid)
+
+
+def _loop(trainer: _Trainer, budget: Budget, save, progress: bool, on_step, rid: str):
+    if progress:  # tqdm.auto looks for Jupyter widgets: only worth its import when a bar is shown
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+
+    s = trainer.s
+    bar = tqdm(total=budget.amount, initial=min(trainer.spent(budget.unit), budget.amount), unit=budget.unit,
+               desc=rid, disable=not progress, leave=False, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} {unit} [{elapsed}<{remaining}{postfix}]")
+    consistent = True
+    try:
+        with _deferred_sigint() as sigint:
+            if not s["log"]:
+                trainer.record()
+            while s["status"] == "running" and not trainer.exhausted(budget):
+                if sigint["set"]:
+                    raise KeyboardInterrupt
+                before = trainer.spent(budget.unit)
+                consistent = False
+                epochs_before = s["epochs_done"]
+                trainer.step()
+                consistent = True
+                if s["samples"] >= s["next_eval"]:
+                    rec = trainer.record()
+                    bar.set_postfix(loss=f"{rec['train_loss']:.4g}", refresh=False)
+                if s["epochs_done"] > epochs_before:
+                    save("running")
+                bar.update(min(trainer.spent(budget.unit), budget.amount) - min(before, budget.amount))
+                if on_step is not None:
+                    on_step(dict(steps=s["steps"], backprops=s["backprops"], epoch=s["samples"] / trainer.n,
+                                 seconds=s["seconds"]))
+            if s["log"][-1]["step"] != s["steps"]:
+                trainer.record()
+            if s["status"] == "running":
+                s["status"] = "complete"
+            save(s["status"])
+    except KeyboardInterrupt:
+        if consistent:
+            save("interrupted")
+        raise
+    finally:
+        bar.close()
+    return [dict(r) for r in s["log"]]

@@ -1,0 +1,188 @@
+"""Figures of the experiments: learning curves with confidence bands over seeds.
+
+Each seed's curve is interpolated on a common grid of the x axis (from 0 to the shortest
+seed's end, so every grid point averages all seeds); the line is the mean and the band the
+95% confidence interval of the mean (Student's t over seeds). Accuracy panels draw the
+99% line the paper's Figure 3 uses. Titles name the dataset by its display name, so a
+stand-in (e.g. "sklearn digits (offline stand-in for MNIST)") is never labelled as the real
+dataset.
+
+>>> import matplotlib; matplotlib.use("Agg")
+>>> from trlib.experiments import run
+>>> from trlib import plotting
+>>> logs = [r for s in (0, 1) for r in run("mnist_mlp", "sgd", s, "2epochs", data="stand-in",
+...                                          progress=False, verbose=False, threads=1)]
+>>> ax = plotting.plot_curves(logs, x="epochs", y="train_acc")
+>>> ax.get_title()
+'mnist_mlp on sklearn digits (offline stand-in for MNIST)'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["X_AXES", "Y_LABELS", "METHOD_LABELS", "method_style", "mean_band", "plot_curves",
+           "plot_comparison", "plot_budget_axes"]
+
+#: x axis name -> (record key, axis label)
+X_AXES = {
+    "backprops": ("backprops", "backprops (gradients + Hessian-vector products)"),
+    "epochs": ("epoch", "epochs (samples seen / training-set size)"),
+    "time": ("time", "training time [s]"),
+}
+Y_LABELS = {"train_loss": "training loss", "test_loss": "test loss",
+            "train_acc": "training accuracy", "test_acc": "test accuracy"}
+METHOD_LABELS = {"tr_uniform": "TR, sphere (uniform)", "tr_adagrad": "TR, Adagrad ellipsoid",
+                 "tr_rms": "TR, RMSProp ellipsoid", "sgd": "SGD", "adagrad": "Adagrad",
+                 "rmsprop": "RMSProp", "adam": "Adam"}
+_COLORS = {"tr_uniform": "tab:blue", "tr_adagrad": "tab:orange", "tr_rms": "tab:red", "sgd": "tab:gray",
+           "adagrad": "tab:olive", "rmsprop": "tab:purple", "adam": "tab:cyan"}
+
+
+def method_style(method: str) -> Dict[str, Any]:
+    """Colour and line style of a method: TR methods solid, first-order baselines dashed."""
+    return dict(color=_COLORS.get(method), linestyle="-" if method.startswith("tr_") else "--")
+
+
+def mean_band(curves: Sequence[Tuple[Sequence[float], Sequence[float]]], grid_points: int = 200,
+              confidence: float = 0.95):
+    """``(grid, mean, low, high)`` of curves ``(x, y)`` (one per seed, x non-decreasing)
+    interpolated on a common grid from 0 to the smallest final x. With one curve the band
+    is the curve itself.
+
+    >>> g, m, lo, hi = mean_band([([0, 2], [0, 2]), ([0, 1, 2], [0, 2, 2])], grid_points=3)
+    >>> g.tolist(), m.tolist()
+    ([0.0, 1.0, 2.0], [0.0, 1.5, 2.0])
+    """
+    from scipy import stats
+
+    if not curves:
+        raise ValueError("no curves to average")
+    end = min(float(np.max(x)) for x, _ in curves)
+    grid = np.linspace(0.0, end, grid_points)
+    ys = np.stack([np.interp(grid, np.asarray(x, float), np.asarray(y, float)) for x, y in curves])
+    mean = ys.mean(0)
+    n = len(curves)
+    if n < 2:
+        return grid, mean, mean, mean
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * ys.std(0, ddof=1) / math.sqrt(n)
+    return grid, mean, mean - half, mean + half
+
+
+def _select(records: Iterable[Dict[str, Any]], task: Optional[str], methods: Optional[Sequence[str]]):
+    from .experiments.results import group_runs
+
+    groups = group_runs(records)
+    if task is not None:
+        groups = {k: v for k, v in groups.items() if k[0] == task}
+    if methods is not None:
+        groups = {k: v for k, v in groups.items() if k[2] in methods}
+    problems = sorted({k[:2] for k in groups})
+    if not problems:
+        raise ValueError(f"no records to plot (task={task!r}, methods={methods!r})")
+    if len(problems) > 1:
+        raise ValueError(f"the records hold several (task, dataset) pairs {problems}; pass task=... "
+                         "or use plot_comparison")
+    order = {m: i for i, m in enumerate(METHOD_LABELS)}
+    return problems[0], sorted(groups.items(), key=lambda kv: order.get(kv[0][2], len(order)))
+
+
+def plot_curves(records: Iterable[Dict[str, Any]], x: str = "backprops", y: str = "train_loss", ax=None, *,
+                task: Optional[str] = None, methods: Optional[Sequence[str]] = None, confidence: float = 0.95,
+                log_y: Optional[bool] = None, threshold: Optional[float] = 0.99, title: Optional[str] = None,
+                legend: bool = True, grid_points: int = 200):
+    """One panel: ``y`` against ``x`` (``"backprops"``, ``"epochs"`` or ``"time"``) for every
+    method in ``records`` (of one task; pass ``task`` when they hold several), mean and
+    ``confidence`` band over seeds. Loss axes are logarithmic unless ``log_y=False``;
+    accuracy axes get the ``threshold`` line (None: no line). Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if x not in X_AXES:
+        raise ValueError(f"invalid x {x!r}; expected one of {', '.join(X_AXES)}")
+    if y not in Y_LABELS:
+        raise ValueError(f"invalid y {y!r}; expected one of {', '.join(Y_LABELS)}")
+    (task_name, dataset), groups = _select(records, task, methods)
+    ax = ax if ax is not None else plt.gca()
+    key = X_AXES[x][0]
+    for (_, _, method), runs in groups:
+        curves = [([r[key] for r in recs if r.get(y) is not None], [r[y] for r in recs if r.get(y) is not None])
+                  for recs in runs.values()]
+        curves = [c for c in curves if c[0]]
+        if not curves:
+            raise ValueError(f"{y} is not recorded for {task_name} (an autoencoder has no accuracy)")
+        grid, mean, lo, hi = mean_band(curves, grid_points, confidence)
+        if y.endswith("_acc"):  # a band past 0 or 100% says nothing
+            lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
+        style = method_style(method)
+        ax.plot(grid, mean, label=f"{METHOD_LABELS.get(method, method)} ({len(curves)} seeds)", **style)
+        ax.fill_between(grid, lo, hi, color=style["color"], alpha=0.2, linewidth=0)
+    if y.endswith("_acc") and threshold is not None:
+        ax.axhline(threshold, color="green", linestyle=":", linewidth=1.5, label=f"{threshold:.0%} accuracy")
+    if log_y if log_y is not None else y.endswith("_loss"):
+        from matplotlib.ticker import FuncFormatter, LogFormatter
+
+        ax.set_yscale("log")  # plain numbers (0.2, not 2x10^-1); minor labels only where they fit
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+    if y.endswith("_acc"):
+        from matplotlib.ticker import PercentFormatter
+
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel(X_AXES[x][1])
+    ax.set_ylabel(Y_LABELS[y])
+    ax.set_title(title if title is not None else f"{task_name} on {dataset}")
+    ax.grid(True, alpha=0.3)
+    if legend:
+        ax.legend(fontsize="small")
+    return ax
+
+
+def plot_comparison(records: Iterable[Dict[str, Any]], x: str = "backprops",
+                    ys: Sequence[str] = ("train_loss", "train_acc"), *, tasks: Optional[Sequence[str]] = None,
+                    methods: Optional[Sequence[str]] = None, confidence: float = 0.95, panel_size=(5.5, 3.8)):
+    """The paper's Figure 3 / 9-11 family: one row per (task, dataset) in ``records``, one
+    column per metric in ``ys`` (accuracy panels are left out for autoencoders), all against
+    ``x``. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from .experiments.results import group_runs
+
+    records = list(records)
+    problems = sorted({k[:2] for k in group_runs(records)})
+    if tasks is not None:
+        problems = [p for p in problems if p[0] in tasks]
+    if not problems:
+        raise ValueError("no records to plot")
+    fig, axes = plt.subplots(len(problems), len(ys), figsize=(panel_size[0] * len(ys), panel_size[1] * len(problems)),
+                             squeeze=False)
+    for row, (task, dataset) in enumerate(problems):
+        subset = [r for r in records if r["task"] == task and r["dataset"] == dataset]
+        has_acc = any(r.get("train_acc") is not None for r in subset)
+        for col, y in enumerate(ys):
+            ax = axes[row][col]
+            if y.endswith("_acc") and not has_acc:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{task}: no accuracy (autoencoder)", ha="center", va="center",
+                        transform=ax.transAxes)
+                continue
+            plot_curves(subset, x=x, y=y, ax=ax, methods=methods, confidence=confidence, legend=(col == 0))
+    fig.suptitle(f"Mean and {confidence:.0%} confidence band over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def plot_budget_axes(records: Iterable[Dict[str, Any]], y: str = "train_loss", *, task: Optional[str] = None,
+                     methods: Optional[Sequence[str]] = None, confidence: float = 0.95):
+    """One metric against backprops, epochs and time side by side (the paper's "fair
+    comparison" of Section 5). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for i, (x, ax) in enumerate(zip(X_AXES, axes)):
+        plot_curves(records, x=x, y=y, ax=ax, task=task, methods=methods, confidence=confidence, legend=(i == 0))
+    fig.tight_layout()
+    return fig

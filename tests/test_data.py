@@ -387,3 +387,16 @@ def test_batches_reject_bad_data():
         batches((), 2)
     with pytest.raises(ValueError, match="generator"):
         batches(torch.arange(5), 2, generator=np.random.default_rng(0))
+
+
+def test_load_stand_in_is_marked_without_trying_the_real_dataset(monkeypatch):
+    from trlib import data as trdata
+
+    tried = []
+    real_load = trdata.load_dataset
+    monkeypatch.setattr(trdata, "load_dataset", lambda name, **kw: tried.append(name) or real_load(name, **kw))
+    ds = trdata.load_stand_in("cifar10")
+    assert tried == ["digits"]
+    assert ds.is_stand_in and ds.stand_in_for == "cifar10"
+    assert ds.display_name == "sklearn digits (offline stand-in for CIFAR-10)"
+    assert "CIFAR-10" != ds.display_name

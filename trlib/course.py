@@ -57,11 +57,17 @@ def pick(quick: Any, full: Any) -> Any:
 
 
 def device() -> torch.device:
-    """CUDA when present (``TRLIB_DEVICE`` overrides), else the CPU."""
+    """CUDA when present (``TRLIB_DEVICE`` overrides), else the CPU.
+
+    In quick mode on the CPU this also limits torch to one thread: the chapters' problems
+    are tiny, the book build runs notebooks side by side, and oversubscribed cores make
+    small tensor operations orders of magnitude slower.
+    """
     forced = os.environ.get("TRLIB_DEVICE")
-    if forced:
-        return torch.device(forced)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(forced) if forced else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu" and mode() == "quick":
+        torch.set_num_threads(1)
+    return dev
 
 
 def seed_everything(seed: int = 0) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "default_root",
     "load_dataset",
     "load_dataset_or_stand_in",
+    "load_stand_in",
     "stand_in",
 ]
 
@@ -254,14 +255,26 @@ def load_dataset_or_stand_in(name: str, *, stand_in: Optional[str] = None, **kwa
         if alt == key:
             raise
         reason = str(err).splitlines()[0]
-    ds = load_dataset(alt, **kwargs)
-    real = _DATASETS[key].display_name
-    ds = dataclasses.replace(
-        ds, is_stand_in=True, stand_in_for=key,
-        display_name=f"{ds.display_name} (offline stand-in for {real})",
-    )
+    ds = load_stand_in(key, stand_in=alt, **kwargs)
     logger.warning("%s is used: %s", ds.display_name, reason)
     return ds
+
+
+def load_stand_in(name: str, *, stand_in: Optional[str] = None, **kwargs) -> Dataset:
+    """The offline stand-in for ``name``, marked as such, without trying the real dataset.
+
+    >>> load_stand_in("mnist").display_name
+    'sklearn digits (offline stand-in for MNIST)'
+    """
+    key = _canonical(name)
+    alt = _canonical(stand_in) if stand_in is not None else STAND_INS.get(key, (key,))[0]
+    ds = load_dataset(alt, **kwargs)
+    if alt == key:
+        return ds
+    return dataclasses.replace(
+        ds, is_stand_in=True, stand_in_for=key,
+        display_name=f"{ds.display_name} (offline stand-in for {_DATASETS[key].display_name})",
+    )
 
 
 def batches(

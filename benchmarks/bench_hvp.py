@@ -18,8 +18,8 @@ every quantity once (round-robin), so on a shared machine they all see the same 
 is synchronised around every timed call. The table gives median, min and max, and the
 ratios to ``grad`` of the medians and of the minima (on a busy CPU the minima are the less
 noisy estimate; where the two ratios differ a lot, the machine was loaded: rerun).
-Pearlmutter's rule says a product costs a small constant (2-5) times a gradient. The per-step cost of
-``k`` products is ``grad+graph + k * HVP db`` for double backward, but
+Pearlmutter's trick promises a product at a small constant (roughly 1-4) times a gradient.
+The per-step cost of ``k`` products is ``grad+graph + k * HVP db`` for double backward, but
 ``grad + k * HVP fwd-rev`` for forward-over-reverse (the gradient itself is needed anyway).
 
 On CUDA the table also gives the peak extra GPU memory of each mode (above the memory

@@ -196,6 +196,8 @@ def summarize(results: List[dict]) -> List[str]:
     lines = []
     regular = [r for r in results if r["problem"] != "saddle-start"]
     for method in ("trlib gltr", "trlib cg"):
+        if not regular:
+            break
         ratios = [r["methods"][method]["ratio_to_trust_krylov"] for r in regular]
         geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
         worst = max(regular, key=lambda r: r["methods"][method]["ratio_to_trust_krylov"])

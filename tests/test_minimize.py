@@ -71,11 +71,11 @@ def test_ellipsoidal_norm_helps_on_a_badly_scaled_problem():
     scale = torch.tensor([1.0, 1e3], dtype=torch.float64)
     f = lambda x: rosen(x * torch.tensor([1.0, 1e-3], dtype=torch.float64))  # noqa: E731
     x0 = torch.tensor([-1.2, 1e3], dtype=torch.float64)
-    sphere = trlib.minimize(f, x0, max_iter=2000)
-    ellipse = trlib.minimize(f, x0, norm=trlib.norms.Fixed(1 / scale**2), max_iter=2000)
+    sphere = trlib.minimize(f, x0, max_iter=2000, gtol=1e-9)
+    ellipse = trlib.minimize(f, x0, norm=trlib.norms.Fixed(1 / scale**2), max_iter=2000, gtol=1e-9)
     assert ellipse.success
-    np.testing.assert_allclose(ellipse.x.numpy(), [1.0, 1e3], rtol=1e-5)
-    assert ellipse.nit < sphere.nit
+    np.testing.assert_allclose(ellipse.x.numpy(), [1.0, 1e3], rtol=1e-8)
+    assert ellipse.nit < 0.7 * sphere.nit
 
 
 def test_callback_and_history():

@@ -107,7 +107,7 @@ def minimize(
         raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a non-negative int)")
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"Invalid radius: {radius!r} (must be a positive finite number)")
-    rule = RadiusRule(eta1, eta2, increase, decrease, max_radius)
+    rule = RadiusRule(eta1, eta2, increase, decrease, max_radius, grow_on_boundary_only=True)
     shape = norms.get_norm(norm)
     norm_state = shape.init(x0)
     generator = torch.Generator().manual_seed(0)
@@ -144,7 +144,8 @@ def minimize(
         f_trial = float(trial.detach())
         rho = reduction_ratio(f, f_trial, decrease_model, eps=torch.finfo(x.dtype).eps)
         used_radius = radius
-        radius, accepted = rule.update(radius, rho)
+        step_norm = float(norms.ellipsoid_norm(res.step, ellipsoid))
+        radius, accepted = rule.update(radius, rho, res.on_boundary, step_norm)
         if accepted:
             x = x_trial.detach()
             with torch.enable_grad():

@@ -305,7 +305,8 @@ class TrustRegion(torch.optim.Optimizer):
             trial_value = float(self._mean(trial.detach()))
         rho = reduction_ratio(loss_value, trial_value, model_decrease, eps=torch.finfo(loss.dtype).eps)
         rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
-        new_radius, accepted = rule.update(radius, rho)
+        step_norm = float(norms.ellipsoid_norm(step, ellipsoid)) if stepped else math.inf
+        new_radius, accepted = rule.update(radius, rho, result.on_boundary, step_norm)
         if stepped and not accepted:  # restore bit for bit (w + s - s need not equal w)
             with torch.no_grad():
                 torch._foreach_copy_(params, self._backup)

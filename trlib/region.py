@@ -7,7 +7,8 @@ agreement between function and model is
 
 The step is accepted when :math:`\rho_t \ge \eta_1`; the radius grows by ``increase``
 (capped at ``max_radius``) when :math:`\rho_t \ge \eta_2` and shrinks by ``decrease``
-when the step is rejected (Algorithm 1; Conn, Gould & Toint 2000, Alg. 6.1.1).
+when the step is rejected (Algorithm 1; Conn, Gould & Toint 2000, Alg. 6.1.1). The
+deterministic :func:`trlib.minimize` grows it only after steps that reached the boundary.
 
 Two guards the authors' code lacked: a non-finite trial loss is a rejection (never
 an accepted step), and decreases at rounding level count as agreement (see
@@ -59,6 +60,7 @@ class RadiusRule:
     increase: float = 1.1
     decrease: float = 1.5
     max_radius: float = 10.0
+    grow_on_boundary_only: bool = False
 
     def __post_init__(self):
         for name in ("eta1", "eta2"):
@@ -73,11 +75,19 @@ class RadiusRule:
             raise ValueError(f"Invalid decrease: {self.decrease!r} (must be a finite number > 1)")
         _positive("max_radius", self.max_radius)
 
-    def update(self, radius: float, rho: float):
-        """Returns ``(new_radius, accepted)``."""
+    def update(self, radius: float, rho: float, on_boundary: bool = True, step_norm: float = math.inf):
+        """Returns ``(new_radius, accepted)``.
+
+        A rejection shrinks from ``min(radius, step_norm)``: after an interior step, shrinking
+        the radius alone could leave the same step feasible, and it would be tried again.
+        With ``grow_on_boundary_only`` (the classical deterministic rule) an interior step
+        never grows the radius: it was not limited by it.
+        """
         accepted = rho >= self.eta1
-        if rho >= self.eta2:
+        if rho >= self.eta2 and (on_boundary or not self.grow_on_boundary_only):
             radius = min(radius * self.increase, self.max_radius)
         elif not accepted:
+            if math.isfinite(step_norm) and step_norm > 0:
+                radius = min(radius, step_norm)
             radius = radius / self.decrease
         return radius, accepted

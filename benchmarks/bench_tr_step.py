@@ -28,6 +28,9 @@ import os
 import statistics
 import time
 
+import datetime
+import subprocess
+
 import torch
 from torch import nn
 
@@ -98,7 +101,14 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    out = {"device": name, "torch": torch.__version__, "model": args.model,
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    out = {"provenance": {"commit": commit, "date": datetime.date.today().isoformat(),
+                          "note": "random tensors shaped like CIFAR-10 batches (a timing benchmark)"},
+           "device": name, "torch": torch.__version__, "model": args.model,
            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None, "tr_batch": args.tr_batch,
            "adam_batch": args.adam_batch, "krylov": args.krylov, "hvp": args.hvp}
 

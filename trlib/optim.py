@@ -248,7 +248,8 @@ class TrustRegion(torch.optim.Optimizer):
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"the loss is {loss_value} at the current parameters (step {st['steps']}); the weights were not "
-                "changed. Check the data and the model for NaN/inf, or lower the learning rate of any warm-up.")
+                "changed. Check the mini-batch and the model's outputs for NaN/inf (a warm-up phase with too large "
+                "a learning rate is a common cause).")
         with torch.enable_grad():
             grad_graph = curvature.flat_grad(loss, params, create_graph=double_backward)
         counts["gradient"] += 1

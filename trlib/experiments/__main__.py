@@ -23,6 +23,8 @@ EPILOG = """examples:
   python -m trlib.experiments table --in results/
   python -m trlib.experiments plot --in results/ --x backprops --out fig.png
   python -m trlib.experiments config --task mnist_conv --method tr_rms
+  torchrun --standalone --nproc_per_node=4 -m trlib.experiments run --distributed --device cuda \
+      --task cifar_resnet18 --method tr_rms adam --budget 20000backprops --data real --out results/
 """
 
 
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick)")
     p.add_argument("--fresh", action="store_true", help="discard existing checkpoints and results of these runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes started by torchrun (NCCL with --device cuda: "
+                        "one GPU per process; gloo with --device cpu); the global batch stays the configured "
+                        "one; only rank 0 writes results")
 
     t = sub.add_parser("table", help="backprops/epochs/seconds to 99%% training accuracy, final loss and "
                                      "test accuracy: mean and 95%% CI over seeds")
@@ -111,9 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args, parser) -> int:
     import torch
 
-    from ..data import DatasetUnavailableError
-    from .runner import load_data, run
-
     tasks = _names(args.task, list(TASKS), "task", parser)
     methods = _names(args.method, list(METHODS), "method", parser)
     if any(s < 0 for s in args.seeds):
@@ -134,29 +137,63 @@ def _cmd_run(args, parser) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     data = "stand-in" if args.quick and args.data == "auto" else args.data
+    ctx = None
+    if args.distributed:
+        from . import distributed
+
+        try:
+            ctx = distributed.setup(device)
+        except ValueError as err:
+            parser.error(str(err))
+        device = ctx.device
+        try:
+            return _run_all(args, tasks, methods, overrides, budget, data, device, ctx)
+        finally:
+            distributed.teardown(ctx)
+    return _run_all(args, tasks, methods, overrides, budget, data, device, ctx)
+
+
+def _run_all(args, tasks, methods, overrides, budget, data, device, ctx) -> int:
+    from ..data import DatasetUnavailableError
+    from .runner import load_data, run
+
+    main = ctx is None or ctx.is_main
     for task in tasks:
         try:
-            datasets = load_data(task, data, device=device, root=args.data_root)
+            if ctx is None:
+                datasets = load_data(task, data, device=device, root=args.data_root)
+            else:
+                from .distributed import load_data_on_rank0_first
+
+                datasets = load_data_on_rank0_first(
+                    ctx, lambda d, verbose: load_data(task, d, device=device, root=args.data_root, verbose=verbose),
+                    data)
         except DatasetUnavailableError as err:
-            print(f"error: {err}", file=sys.stderr)
+            if main:
+                print(f"error: {err}", file=sys.stderr)
             return 1
         for method in methods:
             for seed in args.seeds:
                 try:
                     log = run(task, method, seed, budget, out=args.out, device=device, quick=args.quick,
                               overrides=overrides, progress=not args.no_progress, fresh=args.fresh,
-                              threads=args.threads, datasets=datasets)
+                              threads=args.threads, datasets=datasets, distributed=ctx)
                 except KeyboardInterrupt:
-                    print(f"\ninterrupted: {task} {method} seed {seed}; the checkpoint is in {args.out / 'checkpoints'}."
-                          " Run the same command again to resume.", file=sys.stderr)
+                    if main:
+                        print(f"\ninterrupted: {task} {method} seed {seed}; the checkpoint is in "
+                              f"{args.out / 'checkpoints'}. Run the same command again to resume.", file=sys.stderr)
                     return 130
                 except ValueError as err:  # e.g. a checkpoint made with other settings
-                    print(f"error: {err}", file=sys.stderr)
+                    if main:
+                        print(f"error: {err}", file=sys.stderr)
                     return 1
+                if not main:
+                    continue
                 last = log[-1]
                 acc = "" if last["train_acc"] is None else f", train acc {100 * last['train_acc']:.1f}%"
                 acc += "" if math.isfinite(last["train_loss"]) else " (diverged)"
-                print(f"{task} {method} seed {seed} on {last['dataset']}: {last['epoch']:.2f} epochs, "
+                procs = "" if ctx is None else f" ({ctx.world_size} processes)"
+                print(f"{task} {method} seed {seed} on {last['dataset']}{procs}: {last['epoch']:.2f} epochs, "
                       f"{last['backprops']} backprops, {last['time']:.1f} s, train loss {last['train_loss']:.4g}{acc}",
                       flush=True)
     return 0

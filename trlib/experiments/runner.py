@@ -20,6 +20,10 @@ What one run measures, and how:
   exactly the log of an uninterrupted run, bit for bit on the CPU (except the wall-clock
   ``time``; on CUDA, kernels need not be deterministic); a larger budget continues a finished
   run. A killed process loses at most the epoch in progress.
+* **several processes** (``torchrun ... --distributed``, :mod:`trlib.experiments.distributed`):
+  every process takes its shard of each global mini-batch; the losses, gradients and
+  Hessian-vector products are averaged across processes, evaluations are reduced, and only
+  rank 0 writes results, checkpoints and the progress bar.
 
 Example (a few seconds on a CPU):
 
@@ -252,7 +256,29 @@ class _Trainer:
         return TrustRegion(params, norm=cfg["norm"], radius=cfg["radius"], max_radius=cfg["max_radius"],
                            eta1=cfg["eta1"], eta2=cfg["eta2"], increase=cfg["increase"], decrease=cfg["decrease"],
                            method=cfg["subproblem"], krylov_tol=cfg["krylov_tol"], max_krylov=cfg["max_krylov"],
-                           module=self.model, seed=self.seed)
+                           module=self.model, seed=self.seed, **self._tr_options())
+
+    # hooks that trlib.experiments.distributed.DistributedTrainer overrides
+    def _tr_options(self) -> Dict[str, Any]:
+        """Extra keyword arguments of TrustRegion (data-parallel mode)."""
+        return {}
+
+    def _closure(self, idx):
+        """The mini-batch loss of the samples ``idx`` (this process's part of it)."""
+        xb, yb = self.train.x[idx], self.train.y[idx]
+        target = self.objective.target(xb, yb)
+        return lambda: self.objective(self.model(xb), target)
+
+    def _reduce_gradients(self) -> None:
+        """After ``backward`` of a first-order step (data-parallel mode: the average over processes)."""
+
+    def _evaluate(self, data):
+        return evaluate(self.model, self.objective, data, self.cfg["eval_batch_size"])
+
+    def agree(self, stop: bool) -> bool:
+        """Whether to stop now (a Ctrl-C was seen); data-parallel mode: the same answer, and the
+        same training seconds, on every process."""
+        return stop
 
     def spent(self, unit: str) -> float:
         s = self.s
@@ -280,18 +306,18 @@ class _Trainer:
         elif not hasattr(self, "_order"):
             self._order = s["order"].to(self.device)
         idx = self._order[s["position"]:s["position"] + s["batch_size"]]
-        xb, yb = self.train.x[idx], self.train.y[idx]
-        target = self.objective.target(xb, yb)
+        closure = self._closure(idx)
         if isinstance(self.opt, TrustRegion):
             before = self.opt.backprops
             try:
-                self.opt.step(lambda: self.objective(self.model(xb), target))
+                self.opt.step(closure)
             except NonFiniteLossError:
                 s["status"] = "diverged"
             s["backprops"] += self.opt.backprops - before
         else:
             self.opt.zero_grad(set_to_none=True)
-            self.objective(self.model(xb), target).backward()
+            closure().backward()
+            self._reduce_gradients()
             self.opt.step()
             s["backprops"] += 1
         s["steps"] += 1
@@ -303,7 +329,7 @@ class _Trainer:
         s["seconds"] += time.perf_counter() - t0
 
     def _full_loss(self) -> float:
-        return evaluate(self.model, self.objective, self.train, self.cfg["eval_batch_size"])[0]
+        return self._evaluate(self.train)[0]
 
     def _end_epoch(self) -> None:
         s, cfg = self.s, self.cfg
@@ -323,8 +349,8 @@ class _Trainer:
     def record(self) -> Dict[str, Any]:
         """Evaluate (no work counted) and append a log record."""
         s, cfg = self.s, self.cfg
-        train_loss, train_acc = evaluate(self.model, self.objective, self.train, cfg["eval_batch_size"])
-        test_loss, test_acc = evaluate(self.model, self.objective, self.test, cfg["eval_batch_size"])
+        train_loss, train_acc = self._evaluate(self.train)
+        test_loss, test_acc = self._evaluate(self.test)
         tr = isinstance(self.opt, TrustRegion)
         rec = dict(task=cfg["task"], method=cfg["method"], seed=self.seed, dataset=self.train.display_name,
                    stand_in=self.train.is_stand_in, step=s["steps"], epoch=s["samples"] / self.n,
@@ -365,31 +391,46 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _deferred_sigint():
+def _deferred_sigint(distributed: bool = False):
     """Turn the first Ctrl-C into a flag read between steps (so the checkpoint written for it
-    is consistent); a second Ctrl-C interrupts at once. Only in the main thread."""
+    is consistent); a second Ctrl-C interrupts at once. Only in the main thread.
+
+    ``distributed``: SIGTERM is deferred too and a second signal does not interrupt (torchrun
+    passes a Ctrl-C on to every worker, and interrupting one process in the middle of a
+    collective would leave the others waiting; torchrun's own SIGKILL is the hard stop)."""
     flag = {"set": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # a handler not installed from Python: leave it alone
+    signums = (signal.SIGINT, signal.SIGTERM) if distributed else (signal.SIGINT,)
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    if previous[signal.SIGINT] is None:  # a handler not installed from Python: leave it alone
         yield flag
         return
 
     def handler(signum, frame):
         flag["set"] = True
-        signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+        if not distributed:
+            old = previous[signal.SIGINT]
+            signal.signal(signal.SIGINT, old if callable(old) else signal.default_int_handler)
 
+    installed = []
     try:
-        signal.signal(signal.SIGINT, handler)
+        for signum in signums:
+            if previous[signum] is None:
+                continue
+            signal.signal(signum, handler)
+            installed.append(signum)
     except ValueError:  # not allowed here (e.g. an embedded interpreter): no deferral
+        for signum in installed:
+            signal.signal(signum, previous[signum])
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum in installed:
+            signal.signal(signum, previous[signum])
 
 
 @contextlib.contextmanager
@@ -409,7 +450,8 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
         out: Union[str, os.PathLike, None] = None, data: str = "auto", device: Union[str, torch.device] = "cpu",
         quick: bool = False, overrides: Optional[Dict[str, Any]] = None, progress: bool = True,
         verbose: bool = True, fresh: bool = False, threads: Optional[int] = None, data_root=None,
-        datasets=None, on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+        datasets=None, on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
+        distributed=None) -> List[Dict[str, Any]]:
     """Train ``method`` on ``task`` from seed ``seed`` until ``budget`` is spent; return the log.
 
     Args:
@@ -430,12 +472,23 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
         on_step: called after every step with ``{"steps", "backprops", "epoch", "seconds"}``
             (progress reports; an exception raised there interrupts the run, and a
             KeyboardInterrupt writes a checkpoint first).
+        distributed: a :class:`trlib.experiments.distributed.Context` (from
+            :func:`trlib.experiments.distributed.setup`, e.g. under ``torchrun``) to train
+            data-parallel over its processes: every process calls :func:`run` with the same
+            arguments (``device`` is ignored: each process uses ``distributed.device``),
+            takes its shard of every global mini-batch of ``batch_size`` samples, and gets
+            the same log back; only rank 0 writes ``out``, prints and shows progress. The
+            provenance records the world size. None: one process.
 
     Returns the list of log records: ``task, method, seed, dataset`` (display name),
     ``stand_in, step, epoch, backprops, time, train_loss, train_acc, test_loss, test_acc,
     phase, batch_size, radius, lr``. ``train_acc``/``test_acc`` are None for autoencoders.
     """
     budget = parse_budget(budget)
+    main = distributed is None or distributed.rank == 0
+    if distributed is not None:
+        device = distributed.device
+        progress, verbose = progress and main, verbose and main
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for, but CUDA is not available here")
@@ -459,18 +512,27 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
         folder = Path(out)
         paths = folder / f"{rid}.jsonl", folder / "checkpoints" / f"{rid}.pt"
         paths[1].parent.mkdir(parents=True, exist_ok=True)
-        if fresh:
+        if fresh and main:
             for p in paths:
                 p.unlink(missing_ok=True)
+        if distributed is not None:
+            distributed.barrier()  # nobody looks for a checkpoint before rank 0 has removed it
     with _threads(threads):
-        trainer = _Trainer(cfg, train, test, device, seed)
+        if distributed is None:
+            trainer = _Trainer(cfg, train, test, device, seed)
+        else:
+            from .distributed import DistributedTrainer
+
+            trainer = DistributedTrainer(cfg, train, test, device, seed, distributed)
+        world = 1 if distributed is None else distributed.world_size
         provenance = dict(task=task, method=method, seed=seed, config=cfg, budget=str(budget), status="running",
                           dataset=dict(name=train.name, display_name=train.display_name,
                                        is_stand_in=train.is_stand_in, stand_in_for=train.stand_in_for,
                                        n_train=len(train), n_test=len(test)),
                           device=_device_name(device), device_type=device.type, threads=torch.get_num_threads(),
                           torch=str(torch.__version__), trlib=__version__, python=platform.python_version(),
-                          git_commit=_git_commit(), started=_now(), sessions=[_now()])
+                          git_commit=_git_commit(), started=_now(), sessions=[_now()], world_size=world,
+                          distributed_backend=None if distributed is None else distributed.backend)
         if paths and paths[1].exists():
             # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
             ck = torch.load(paths[1], map_location="cpu", weights_only=True)
@@ -479,6 +541,10 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
                 raise ValueError(f"the checkpoint {paths[1]} belongs to a run with other settings (differing: "
                                  f"{', '.join(diff) or 'checkpoint version'}); pass fresh=True (--fresh) to "
                                  "start over, or another output folder")
+            ck_world = ck["provenance"].get("world_size", 1)
+            if ck_world != world:
+                raise ValueError(f"the checkpoint {paths[1]} was written by a run over {ck_world} process(es); "
+                                 f"resume it with {ck_world} (this run has {world}), or pass fresh=True (--fresh)")
             trainer.load_state_dict(ck)
             if trainer.s["status"] == "complete":  # a larger budget continues it
                 trainer.s["status"] = "running"
@@ -490,17 +556,20 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
         def save(status):
             if not paths:
                 return
+            state = trainer.state_dict()  # on every process (data-parallel: averages BatchNorm statistics)
+            if not main:
+                return
             s = trainer.s
             provenance.update(status=status, finished=_now() if status != "running" else None,
                               budget_spent=dict(backprops=s["backprops"], epochs=s["samples"] / trainer.n,
                                                 seconds=s["seconds"], steps=s["steps"]))
-            _atomic_save(dict(trainer.state_dict(), provenance=provenance), paths[1])
+            _atomic_save(dict(state, provenance=provenance), paths[1])
             write_run(paths[0], provenance, s["log"])
 
-        return _loop(trainer, budget, save, progress, on_step, rid)
+        return _loop(trainer, budget, save, progress, on_step, rid, distributed is not None)
 
 
-def _loop(trainer: _Trainer, budget: Budget, save, progress: bool, on_step, rid: str):
+def _loop(trainer: _Trainer, budget: Budget, save, progress: bool, on_step, rid: str, distributed: bool = False):
     if progress:  # tqdm.auto looks for Jupyter widgets: only worth its import when a bar is shown
         from tqdm.auto import tqdm
     else:
@@ -512,11 +581,14 @@ def _loop(trainer: _Trainer, budget: Budget, save, progress: bool, on_step, rid:
                bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} {unit} [{elapsed}<{remaining}{postfix}]")
     consistent = True
     try:
-        with _deferred_sigint() as sigint:
+        with _deferred_sigint(distributed) as sigint:
             if not s["log"]:
                 trainer.record()
-            while s["status"] == "running" and not trainer.exhausted(budget):
-                if sigint["set"]:
+            while s["status"] == "running":
+                stop = trainer.agree(sigint["set"])  # data-parallel: the same decision on every process
+                if trainer.exhausted(budget):
+                    break
+                if stop:
                     raise KeyboardInterrupt
                 before = trainer.spent(budget.unit)
                 consistent = False

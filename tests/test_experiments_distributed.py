@@ -151,3 +151,9 @@ def test_shards_cover_the_batch():
 def test_docs_mention_torchrun():
     text = (ROOT / "docs_experiments.md").read_text()
     assert "torchrun" in text and "--distributed" in text
+
+
+def test_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(D, optionflags=doctest.ELLIPSIS).failed == 0

@@ -503,6 +503,11 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
     cfg = get_config(task, method, **overrides)
     if not (isinstance(seed, int) and seed >= 0):
         raise ValueError(f"invalid seed {seed!r}: expected an int >= 0")
+    if datasets is None and distributed is not None:  # rank 0 first: it may download, the others follow it
+        from .distributed import load_data_on_rank0_first
+
+        datasets = load_data_on_rank0_first(
+            distributed, lambda d, v: load_data(task, d, device=device, root=data_root, verbose=verbose and v), data)
     train, test = datasets if datasets is not None else load_data(task, data, device=device, root=data_root,
                                                                  verbose=verbose)
     train, test = train.to(device), test.to(device)

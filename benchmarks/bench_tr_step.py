@@ -88,8 +88,6 @@ def main(argv=None):
     p.add_argument("--krylov", type=int, default=10, help="max Krylov products per TR step")
     p.add_argument("--check-every", type=int, nargs="+", default=[1, 5])
     p.add_argument("--hvp", default="double_backward", choices=["double_backward", "forward_over_reverse"])
-    p.add_argument("--hvp-dtype", default=None, choices=[None, "bfloat16", "float16"],
-                   help="products under autocast in this dtype (forward_over_reverse only)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--epoch-size", type=int, default=50000)
     p.add_argument("--no-cudnn-benchmark", action="store_true",
@@ -112,8 +110,7 @@ def main(argv=None):
                           "note": "random tensors shaped like CIFAR-10 batches (a timing benchmark)"},
            "device": name, "torch": torch.__version__, "model": args.model,
            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None, "tr_batch": args.tr_batch,
-           "adam_batch": args.adam_batch, "krylov": args.krylov, "hvp": args.hvp,
-                "hvp_dtype": args.hvp_dtype}
+           "adam_batch": args.adam_batch, "krylov": args.krylov, "hvp": args.hvp}
 
     net = build(args.model, device)
     params = [q for q in net.parameters() if q.requires_grad]
@@ -139,19 +136,11 @@ def main(argv=None):
         f = curvature.functional_loss(closure, net, params)
         raw = curvature.hvp_forward_over_reverse(f, params)
 
-        autocast_dtype = getattr(torch, args.hvp_dtype) if args.hvp_dtype else None
-
         def fr():
-            with curvature.frozen_batchnorm_stats(net), \
-                    torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with curvature.frozen_batchnorm_stats(net):
                 return raw(v)
 
         t_hvp = _median_time(fr, device, args.repeats)
-        if autocast_dtype is not None:  # how far the reduced-precision product is from the full one
-            with curvature.frozen_batchnorm_stats(net):
-                exact = raw(v)
-            out["hvp_relative_error"] = float(torch.linalg.vector_norm(fr().to(exact.dtype) - exact)
-                                              / torch.linalg.vector_norm(exact))
     del g  # frees the gradient's graph (the operators hold it only while alive)
     hvp = raw = None
 
@@ -169,8 +158,7 @@ def main(argv=None):
         net_tr = build(args.model, device)
         params_tr = list(net_tr.parameters())
         opt = trlib.TrustRegion(params_tr, norm="rms", module=net_tr, radius=1.0, max_radius=1e6,
-                                krylov_tol=1e-9, max_krylov=args.krylov, hvp=args.hvp, check_every=check_every,
-                                hvp_dtype=getattr(torch, args.hvp_dtype) if args.hvp_dtype else None)
+                                krylov_tol=1e-9, max_krylov=args.krylov, hvp=args.hvp, check_every=check_every)
         step = lambda: opt.step(lambda: loss_fn(net_tr(x), y))  # noqa: E731
         for _ in range(2):
             step()
@@ -205,15 +193,12 @@ def main(argv=None):
     epoch_adam = t_adam * args.epoch_size / args.adam_batch
     out.update(t_adam_step=t_adam, epoch_tr=epoch_tr, epoch_adam=epoch_adam, epoch_ratio=epoch_tr / epoch_adam)
 
-    print(f"device: {name}   torch {torch.__version__}   model: {args.model}   HVP mode: {args.hvp}"
-          + (f" under autocast({args.hvp_dtype})" if args.hvp_dtype else ""))
+    print(f"device: {name}   torch {torch.__version__}   model: {args.model}   HVP mode: {args.hvp}")
     print(f"TR batch {args.tr_batch} (CIFAR-shaped random tensors), at most {args.krylov} products per step")
     print(f"  gradient                 {t_grad * 1e3:9.2f} ms")
     print(f"  gradient with graph      {t_grad_graph * 1e3:9.2f} ms   ({t_grad_graph / t_grad:.2f} x gradient)")
     print(f"  Hessian-vector product   {t_hvp * 1e3:9.2f} ms   ({t_hvp / t_grad:.2f} x gradient)")
     print(f"  forward (no grad)        {t_fwd * 1e3:9.2f} ms   ({t_fwd / t_grad:.2f} x gradient)")
-    if "hvp_relative_error" in out:
-        print(f"  reduced-precision product: relative error {out['hvp_relative_error']:.2e} vs full precision")
     for ce, r in out["tr"].items():
         print(f"  TR step, check_every={ce:<3d} {r['t_step'] * 1e3:9.2f} ms   ({r['hvps']} products last step; "
               f"overhead over the autodiff passes {100 * r['overhead']:+.1f}%)")

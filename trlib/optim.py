@@ -97,11 +97,6 @@ class TrustRegion(torch.optim.Optimizer):
             with one all-reduce each, so every process computes the same step. The result
             equals a single process on the union of the shards (equal shard sizes).
         process_group: the group to reduce over (default: the world).
-        hvp_dtype: run the Hessian-vector products (only they) under ``torch.autocast`` in
-            this dtype, e.g. ``torch.bfloat16`` on a GPU with tensor cores. The loss, the
-            gradient and the trial loss, hence the ratio test, stay in the parameters'
-            precision; a less precise model only changes which step is proposed. Needs
-            ``hvp="forward_over_reverse"`` (double backward reuses the gradient's graph).
 
     ``step(closure)``: ``closure()`` evaluates the mini-batch loss *without* calling
     ``backward`` (the optimizer differentiates it, and calls it again at the trial point
@@ -117,7 +112,7 @@ class TrustRegion(torch.optim.Optimizer):
                  method: str = "cg", krylov_tol: float = 0.1, max_krylov: int = 50, beta: float = 0.8,
                  eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
                  module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0,
-                 distributed: bool = False, process_group=None, hvp_dtype: Optional[torch.dtype] = None):
+                 distributed: bool = False, process_group=None):
         rule_norm = norms.get_norm(norm, beta=beta, eps=eps)
         name = rule_norm.name if rule_norm.name in DEFAULTS else None
         if decrease is None:
@@ -141,17 +136,12 @@ class TrustRegion(torch.optim.Optimizer):
             raise ValueError("Invalid module: hvp='forward_over_reverse' needs the nn.Module (module=model)")
         if not (isinstance(check_every, int) and check_every >= 1):
             raise ValueError(f"Invalid check_every: {check_every!r} (must be a positive int)")
-        if hvp_dtype is not None:
-            if hvp_dtype not in (torch.bfloat16, torch.float16):
-                raise ValueError(f"Invalid hvp_dtype: {hvp_dtype!r} (torch.bfloat16, torch.float16 or None)")
-            if hvp != "forward_over_reverse":
-                raise ValueError("Invalid hvp_dtype: reduced-precision products need hvp='forward_over_reverse'")
         if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("Invalid distributed: torch.distributed is not initialized "
                              "(call torch.distributed.init_process_group first, e.g. under torchrun)")
         defaults = dict(radius=None if radius is None else float(radius), max_radius=max_radius, eta1=eta1, eta2=eta2, increase=increase,
                         decrease=decrease, method=method, krylov_tol=krylov_tol, max_krylov=max_krylov,
-                        gtol=gtol, hvp=hvp, check_every=check_every, hvp_dtype=hvp_dtype)
+                        gtol=gtol, hvp=hvp, check_every=check_every)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("TrustRegion doesn't support per-parameter options (parameter groups)")
@@ -273,12 +263,9 @@ class TrustRegion(torch.optim.Optimizer):
             f = curvature.functional_loss(closure, self.module, params)
             raw = curvature.hvp_forward_over_reverse(f, params)
 
-            dtype = group.get("hvp_dtype")
-
-            def hvp(v, raw=raw, dtype=dtype):
-                with curvature.frozen_batchnorm_stats(self.module), \
-                        torch.autocast(v.device.type, dtype=dtype, enabled=dtype is not None):
-                    return raw(v).to(v.dtype)
+            def hvp(v, raw=raw):
+                with curvature.frozen_batchnorm_stats(self.module):
+                    return raw(v)
 
         if self.distributed:
             local_hvp = hvp

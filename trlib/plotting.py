@@ -116,6 +116,11 @@ def plot_curves(records: Iterable[Dict[str, Any]], x: str = "backprops", y: str 
         grid, mean, lo, hi = mean_band(curves, grid_points, confidence)
         if y.endswith("_acc"):  # a band past 0 or 100% says nothing
             lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
+        elif log_y if log_y is not None else y.endswith("_loss"):
+            # with few seeds the t-band can reach below 0, which a log axis cannot show: floor it
+            # at the smallest value any seed reached, so the axis keeps the curves' scale
+            floor = min(min(v for v in c[1] if v > 0) for c in curves if any(v > 0 for v in c[1]))
+            lo = np.maximum(lo, floor)
         style = method_style(method)
         ax.plot(grid, mean, label=f"{METHOD_LABELS.get(method, method)} ({len(curves)} seeds)", **style)
         ax.fill_between(grid, lo, hi, color=style["color"], alpha=0.2, linewidth=0)

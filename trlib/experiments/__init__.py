@@ -16,8 +16,8 @@ Command line (``python -m trlib.experiments --help``)::
 
 from .configs import ADAM_GRID, FIRST_ORDER, METHODS, TR_METHODS, get_config, parse_overrides
 from .results import Run, format_table, load_results, load_runs, mean_ci, summarize, write_run
-from .runner import Budget, evaluate, load_data, parse_budget, run
+from .runner import Budget, Objective, evaluate, load_data, parse_budget, run
 
 __all__ = ["run", "load_results", "load_runs", "summarize", "format_table", "mean_ci", "get_config",
-           "parse_overrides", "parse_budget", "Budget", "load_data", "evaluate", "write_run", "Run",
+           "parse_overrides", "parse_budget", "Budget", "Objective", "load_data", "evaluate", "write_run", "Run",
            "METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID"]

@@ -175,6 +175,19 @@ def _pm(ci, fmt) -> str:
     return fmt(mean) if math.isnan(hw) else f"{fmt(mean)} ± {fmt(hw)}"
 
 
+def _sig(v: float) -> str:
+    # 4 significant digits of the mean; the half-width is printed to the same decimals
+    return f"{v:.4g}"
+
+
+def _pm_loss(ci) -> str:
+    mean, hw = ci
+    if math.isnan(hw) or not math.isfinite(mean) or mean == 0:
+        return _pm(ci, _sig)
+    decimals = max(0, 3 - int(math.floor(math.log10(abs(mean)))))
+    return f"{mean:.{decimals}f} ± {hw:.{decimals}f}"
+
+
 def _cells(row: Dict[str, Any], threshold: float) -> List[str]:
     n = len(row["seeds"])
     out = [row["method"], str(n)]
@@ -189,7 +202,7 @@ def _cells(row: Dict[str, Any], threshold: float) -> List[str]:
                 out.append(f"never reached {threshold:.0%}")
             else:
                 out.append(_pm(row[name], fmt) + ("" if k == n else f" ({k}/{n} seeds)"))
-    out.append(_pm(row["final_train_loss"], lambda v: f"{v:.4g}"))
+    out.append(_pm_loss(row["final_train_loss"]))
     out.append("n/a" if row["final_test_acc"] is None else _pm(row["final_test_acc"], lambda v: f"{100 * v:.1f}%"))
     return out
 

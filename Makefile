@@ -29,7 +29,7 @@ book: $(STAMP)
 test: test-lib test-notebooks
 
 test-lib: $(STAMP)
-	$(PY) -m pytest tests -q -n $(PYTEST_WORKERS) -p no:cacheprovider
+	$(PY) -m pytest tests trlib --doctest-modules -q -n $(PYTEST_WORKERS) -p no:cacheprovider
 
 test-notebooks: $(STAMP)
 	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=300 -q -n $(PYTEST_WORKERS) --dist loadfile -p no:cacheprovider $(NOTEBOOKS)

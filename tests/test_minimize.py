@@ -122,3 +122,11 @@ def test_float32_and_lanczos_smallest_eigenpair():
     assert value2 == pytest.approx(-3.0, abs=1e-6)
     res = trlib.minimize(rosen, torch.tensor([-1.2, 1.0]), gtol=1e-3)
     assert res.x.dtype == torch.float32 and res.success
+
+
+def test_curvature_test_does_not_depend_on_the_ellipsoid_scale():
+    # A strict saddle (smallest eigenvalue -2) must not pass for a minimum in any norm.
+    f = lambda z: z[0] ** 2 - z[1] ** 2 + 0.5 * z[1] ** 4  # noqa: E731
+    for norm in (None, torch.tensor([100.0, 100.0], dtype=torch.float64), "rms"):
+        res = trlib.minimize(f, torch.zeros(2, dtype=torch.float64), norm=norm, htol=0.05)
+        assert res.success and res.fun == pytest.approx(-0.5, abs=1e-8), norm

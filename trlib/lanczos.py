@@ -15,7 +15,10 @@ Golub & Van Loan, §10.1):
 * *restart on breakdown*: when :math:`\beta_{k+1} \approx 0` the Krylov space is
   invariant. Instead of stopping, a new block starts from a random vector orthogonal to
   :math:`Q_k`; :math:`T` becomes block tridiagonal. This is what lets GLTR find
-  directions the gradient cannot see (the hard case, a zero gradient at a saddle).
+  directions the gradient cannot see (the hard case, a zero gradient at a saddle) once
+  the gradient's Krylov space is exhausted. Before that, nothing in the Krylov space
+  reveals them: with an early-stopping tolerance a Krylov solver can stop first (see
+  :func:`trlib.solve_subproblem`).
 
 Example: the smallest eigenvalue of a diagonal matrix.
 
@@ -33,6 +36,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
 __all__ = ["Lanczos", "smallest_eigenpair"]
@@ -143,6 +147,18 @@ class Lanczos:
         t[np.arange(1, k), np.arange(k - 1)] = off
         return t
 
+    def eigh(self, first: int = 0):
+        """Eigenvalues (ascending) and eigenvectors of ``T[first:, first:]``.
+
+        A tridiagonal solver (LAPACK's MRRR through SciPy): ``O(k^2)`` and single-threaded,
+        where a dense ``eigh`` on a busy multi-core CPU costs milliseconds per call.
+        """
+        diagonal = np.asarray(self.alphas[first:self.k], dtype=np.float64)
+        off = np.asarray(self.betas[first:self.k - 1], dtype=np.float64)
+        if diagonal.size == 1:
+            return diagonal.copy(), np.ones((1, 1))
+        return eigh_tridiagonal(diagonal, off)
+
     def combine(self, coefficients: np.ndarray) -> Tensor:
         """:math:`Q_k^\\top c`: a vector of the Krylov space from its coordinates."""
         c = torch.as_tensor(coefficients, dtype=self.dtype).to(self.device)
@@ -165,17 +181,15 @@ def smallest_eigenpair(matvec: Operator, start: Tensor, *, max_iter: Optional[in
     lz = Lanczos(matvec, start, generator=generator)
     while True:
         lz.step()
-        t = lz.tridiagonal()
         if lz.broke_down:
             # The block just closed is invariant (exact), but the new one has not been
             # explored: the leftmost eigenvalue may live in the complement.
             done = lz.exhausted or lz.k >= max_iter
         else:
             # Earlier blocks are invariant; convergence is decided by the last one.
-            b = lz.block_starts[-1]
-            _, y_last = np.linalg.eigh(t[b:, b:])
+            _, y_last = lz.eigh(lz.block_starts[-1])
             residual = lz.last_beta * abs(y_last[-1, 0])
             done = lz.exhausted or lz.k >= max_iter or residual <= rtol * max(lz.scale, 1e-30)
         if done:
-            theta, y = np.linalg.eigh(t)
+            theta, y = lz.eigh()
             return float(theta[0]), lz.combine(y[:, 0]), lz.k

@@ -5,10 +5,11 @@ Hessian-vector products of ``fun`` come from autograd, the subproblem from
 :func:`trlib.solve_subproblem`, the radius from :class:`trlib.RadiusRule`.
 
 Unlike a method that stops at the first point with a small gradient, it checks the
-curvature there: with :math:`\|g\| \le` ``gtol`` it solves the subproblem with
-:math:`g := 0` (Algorithm 1, step 4) by Lanczos, and moves along negative curvature if
-the smallest eigenvalue is below :math:`-`\ ``htol``. So it leaves strict saddle points,
-where scipy's ``trust-krylov`` (which stops on the gradient test alone) stays.
+curvature there: with :math:`\|g\| \le` ``gtol`` it sets :math:`g := 0` (Algorithm 1,
+step 4), estimates the Hessian's smallest eigenvalue by Lanczos and, if it is below
+:math:`-`\ ``htol`` (a test on the Hessian itself, whatever the region's norm), steps to the
+boundary along that eigenvector (the eigenpoint). So it leaves strict saddle points, where
+scipy's ``trust-krylov`` (which stops on the gradient test alone) stays.
 
 Example: the Rosenbrock function.
 
@@ -31,7 +32,8 @@ from torch import Tensor
 from . import norms
 from .curvature import function_hvp
 from .region import RadiusRule, reduction_ratio
-from .subproblem import METHODS, solve_subproblem
+from .lanczos import smallest_eigenpair
+from .subproblem import METHODS, SubproblemResult, solve_subproblem
 
 __all__ = ["minimize", "MinimizeResult"]
 
@@ -125,13 +127,20 @@ def minimize(
         gnorm = float(torch.linalg.vector_norm(grad))
         stationary = gnorm <= gtol
         if stationary:
-            # Step 4 of Algorithm 1: only curvature can move us; Lanczos finds it if any.
-            res = solve_subproblem(torch.zeros_like(grad), hvp, radius, ellipsoid=ellipsoid, method="gltr",
-                                   rtol=1e-8, max_iter=max_krylov, generator=generator)
-            nhvp += res.iterations
-            if (res.multiplier or 0.0) <= htol or float(res.model_decrease) <= 0:
+            # Step 4 of Algorithm 1: with g := 0 only curvature can move us. The test is on the
+            # Hessian's own smallest eigenvalue (Lanczos from a random start), whatever the
+            # region's shape; the step is the eigenpoint, on the region's boundary.
+            lam_min, v, products = smallest_eigenpair(hvp, torch.zeros_like(grad), rtol=1e-8,
+                                                      max_iter=max_krylov, generator=generator)
+            nhvp += products
+            if lam_min >= -htol:
                 message, success = "converged: gradient below gtol, no curvature below -htol", True
                 break
+            step = v * (radius / float(norms.ellipsoid_norm(v, ellipsoid)))
+            if float(torch.dot(grad, step)) > 0:
+                step = -step
+            decrease = -(torch.dot(grad, step) + 0.5 * lam_min * torch.dot(step, step))
+            res = SubproblemResult(step, decrease, True, True, products, None, "eigenpoint")
         else:
             res = solve_subproblem(grad, hvp, radius, ellipsoid=ellipsoid, method=method,
                                    rtol=min(0.5, math.sqrt(gnorm)), max_iter=max_krylov, generator=generator)

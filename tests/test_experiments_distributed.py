@@ -149,7 +149,7 @@ def test_shards_cover_the_batch():
 
 
 def test_docs_mention_torchrun():
-    text = (ROOT / "docs_experiments.md").read_text()
+    text = (ROOT / "README.md").read_text()
     assert "torchrun" in text and "--distributed" in text
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -35,25 +34,12 @@ import torch
 from torch import nn
 
 import trlib
+from _common import device_name, set_threads, synchronize as _sync, time_median
 from trlib import curvature, models
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_time(fn, device, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_median(fn, device, repeats=repeats, warmup=warmup)["median"]
 
 
 def build(name, device, channels_last=False):
@@ -89,6 +75,8 @@ def main(argv=None):
     p.add_argument("--check-every", type=int, nargs="+", default=[1, 5])
     p.add_argument("--hvp", default="double_backward", choices=["double_backward", "forward_over_reverse"])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch and BLAS (0: library defaults); one is steadiest on a shared machine")
     p.add_argument("--epoch-size", type=int, default=50000)
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="keep cuDNN's default algorithm choice (benchmark mode makes double-backward "
@@ -99,8 +87,8 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        set_threads(args.threads)
+    name = device_name(device)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -162,7 +150,7 @@ def main(argv=None):
         step = lambda: opt.step(lambda: loss_fn(net_tr(x), y))  # noqa: E731
         for _ in range(2):
             step()
-        times, predicted = [], []
+        times, predicted, products = [], [], []
         for _ in range(args.repeats):
             before = opt.counts["hvp"]
             _sync(device)
@@ -171,11 +159,12 @@ def main(argv=None):
             _sync(device)
             times.append(time.perf_counter() - start)
             k = opt.counts["hvp"] - before
+            products.append(k)
             # forward-over-reverse needs no graph on the gradient: the plain gradient is the pass
             predicted.append((t_grad_graph if args.hvp == "double_backward" else t_grad) + k * t_hvp + t_fwd)
         t_step = statistics.median(times)
         overhead = statistics.median([t / pr - 1 for t, pr in zip(times, predicted)])
-        out["tr"][check_every] = dict(t_step=t_step, hvps=opt.last["iterations"], overhead=overhead)
+        out["tr"][check_every] = dict(t_step=t_step, hvps=statistics.mean(products), overhead=overhead)
 
     # --- epoch time: TR-RMS vs Adam
     net_a = build(args.model, device)
@@ -200,7 +189,7 @@ def main(argv=None):
     print(f"  Hessian-vector product   {t_hvp * 1e3:9.2f} ms   ({t_hvp / t_grad:.2f} x gradient)")
     print(f"  forward (no grad)        {t_fwd * 1e3:9.2f} ms   ({t_fwd / t_grad:.2f} x gradient)")
     for ce, r in out["tr"].items():
-        print(f"  TR step, check_every={ce:<3d} {r['t_step'] * 1e3:9.2f} ms   ({r['hvps']} products last step; "
+        print(f"  TR step, check_every={ce:<3d} {r['t_step'] * 1e3:9.2f} ms   ({r['hvps']:.1f} products per step; "
               f"overhead over the autodiff passes {100 * r['overhead']:+.1f}%)")
     print(f"Adam step (batch {args.adam_batch})   {t_adam * 1e3:9.2f} ms")
     print(f"epoch of {args.epoch_size}: TR-RMS {epoch_tr:.1f} s vs Adam {epoch_adam:.1f} s  "

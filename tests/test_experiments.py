@@ -27,14 +27,6 @@ N = 1437  # digits training split
 STAND_IN = "sklearn digits (offline stand-in for MNIST)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: several threads only add contention.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def digits():

@@ -20,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("train_loss", "test_loss", "train_acc", "test_acc")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def single(task, method, budget, **kw):
     return run(task, method, 0, budget, quick=True, progress=False, verbose=False, **kw)

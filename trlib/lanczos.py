@@ -137,16 +137,6 @@ class Lanczos:
         """True when the last step ended a block (the Krylov space became invariant)."""
         return len(self.block_starts) > 1 and self.block_starts[-1] == self.k
 
-    def tridiagonal(self) -> np.ndarray:
-        """:math:`T_k = Q_k^\\top H Q_k` as a dense float64 array (block tridiagonal after restarts)."""
-        k = self.k
-        t = np.zeros((k, k))
-        t[np.arange(k), np.arange(k)] = self.alphas
-        off = np.asarray(self.betas[: k - 1])
-        t[np.arange(k - 1), np.arange(1, k)] = off
-        t[np.arange(1, k), np.arange(k - 1)] = off
-        return t
-
     def eigh(self, first: int = 0):
         """Eigenvalues (ascending) and eigenvectors of ``T[first:, first:]``.
 

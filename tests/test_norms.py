@@ -103,3 +103,219 @@ def test_get_norm_and_validation():
         norms.Fixed(torch.tensor([1.0, 0.0]))
     with pytest.raises(ValueError, match="ellipsoid"):
         norms.Fixed(torch.ones(3)).update({}, torch.ones(4))
+
+
+# ----------------------------------------------------------------------------- Adam
+def test_adam_ellipsoid_is_torch_adams_denominator():
+    """Adam without momentum steps by -lr g / a_t (torch.optim.Adam, an independent implementation),
+    which is the Cauchy step of the linear model in the region ||s||_A <= lr ||g||_{A^-1}."""
+    torch.manual_seed(3)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05, betas=(0.0, 0.99), eps=1e-8)
+    rule = trlib.get_norm("adam", beta=0.99, eps=1e-8)
+    state = rule.init(w.detach())
+    for _ in range(5):
+        g = torch.randn(6, dtype=torch.float64) * torch.logspace(-3, 2, 6, dtype=torch.float64)
+        before = w.detach().clone()
+        w.grad = g.clone()
+        opt.step()
+        a = rule.update(state, g)
+        torch.testing.assert_close(w.detach() - before, -0.05 * g / a, rtol=1e-12, atol=1e-15)
+        radius = 0.05 * float(torch.sqrt((g * g / a).sum()))
+        res = trlib.solve_subproblem(g, lambda v: torch.zeros_like(v), radius, ellipsoid=a, method="cauchy")
+        torch.testing.assert_close(res.step, w.detach() - before, rtol=1e-10, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- Hutchinson
+def _indefinite(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = rng.uniform(-3, 5, n)
+    H = (q * eig) @ q.T + np.diag(rng.uniform(-4, 4, n))
+    return torch.tensor(0.5 * (H + H.T))
+
+
+def test_hutchinson_exact_for_a_diagonal_hessian():
+    d = torch.tensor([2.0, -3.0, 0.0, 1e-3], dtype=torch.float64)
+    rule = norms.Hutchinson(beta=0.7, eps=1e-6)
+    state = rule.init(d)
+    for _ in range(3):  # bias correction: exact from the first step on
+        a = rule.update(state, torch.ones(4, dtype=torch.float64), hvp=lambda v: d * v)
+        torch.testing.assert_close(a, d.abs() + 1e-6, rtol=1e-14, atol=0)
+
+
+def test_hutchinson_tracks_the_diagonal_within_its_variance():
+    H = _indefinite()
+    n, beta, steps = H.shape[0], 0.99, 1500
+    rule = norms.Hutchinson(beta=beta, eps=1e-8, seed=5)
+    state = rule.init(torch.zeros(n, dtype=torch.float64))
+    for _ in range(steps):
+        rule.update(state, torch.zeros(n, dtype=torch.float64), hvp=lambda v: H @ v)
+    m = state["diag_avg"].numpy() / (1 - beta**steps)
+    # the average weighs the t-th estimate by w_t; Var of one estimate is sum_{j != i} H_ij^2
+    weights = (1 - beta) * beta ** np.arange(steps) / (1 - beta**steps)
+    off = H.numpy() - np.diag(np.diag(H.numpy()))
+    sd = np.sqrt(np.sum(weights**2) * np.sum(off**2, axis=1))
+    z = (m - np.diag(H.numpy())) / sd
+    assert np.abs(z).max() <= 4.0 and np.mean(z**2) <= 2.5
+    a = rule.ellipsoid(state).numpy()
+    assert np.all(np.abs(a - np.abs(np.diag(H.numpy())) - 1e-8) <= 4.0 * sd)
+    assert np.all(a >= 1e-8)
+
+
+def test_hutchinson_products_every_and_batched():
+    H = _indefinite()
+    calls = []
+
+    def hvp(v):
+        raise AssertionError("with several probes and .batched, products go through .batched")
+
+    def batched(vs):  # rows at once (H symmetric)
+        calls.append(vs.shape)
+        return vs @ H
+
+    hvp.batched = batched
+    plain = lambda v: H @ v  # noqa: E731
+    rule = norms.Hutchinson(probes=4, every=3, seed=1)
+    s1, s2 = rule.init(H[0]), rule.init(H[0])
+    previous = None
+    for t in range(7):
+        a1 = rule.update(s1, H[0], hvp=hvp)
+        a2 = rule.update(s2, H[0], hvp=plain)
+        torch.testing.assert_close(a1, a2, rtol=1e-12, atol=1e-14)  # batched == one by one
+        if t % 3:
+            assert torch.equal(a1, previous)  # reused between refreshes, no products
+        previous = a1
+    assert len(calls) == 3 and all(shape == (4, 12) for shape in calls)
+
+
+def test_hutchinson_resumes_bit_exactly_from_its_state():
+    H = _indefinite()
+    rule = norms.Hutchinson(seed=2)
+    state = rule.init(H[0])
+    for _ in range(4):
+        rule.update(state, H[0], hvp=lambda v: H @ v)
+    saved = {k: v.clone() for k, v in state.items()}
+    go_on = [rule.update(state, H[0], hvp=lambda v: H @ v) for _ in range(3)]
+    resumed = [norms.Hutchinson(seed=2).update(saved, H[0], hvp=lambda v: H @ v) for _ in range(3)]
+    for a, b in zip(go_on, resumed):
+        assert torch.equal(a, b)
+
+
+def test_hutchinson_refuses_missing_or_non_finite_products():
+    rule = norms.Hutchinson()
+    state = rule.init(torch.zeros(3))
+    with pytest.raises(ValueError, match="hvp"):
+        rule.update(state, torch.ones(3))
+    with pytest.raises(FloatingPointError):
+        rule.update(state, torch.ones(3), hvp=lambda v: v * float("nan"))
+    assert float(state["count"]) == 0 and not torch.any(state["diag_avg"])  # state untouched
+    assert norms.Hutchinson.uses_curvature and not norms.RMS.uses_curvature
+
+
+# ----------------------------------------------------------------------------- empirical Fisher
+def test_empirical_fisher_is_the_mean_of_squared_per_sample_gradients():
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    params = list(net.parameters())
+    rule = norms.EmpiricalFisher(beta=0.5, eps=1e-10)
+    state = rule.init(trlib.curvature.FlatView(params).get())
+    avg = 0.0
+    for t in range(1, 4):
+        x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+        # per-sample gradients one sample at a time: plain autograd, the reference
+        G = torch.stack([trlib.flat_grad(torch.nn.functional.cross_entropy(net(x[i:i + 1]), y[i:i + 1]), params)
+                         for i in range(5)])
+        batch_grad = trlib.flat_grad(torch.nn.functional.cross_entropy(net(x), y), params)
+        torch.testing.assert_close(G.mean(0), batch_grad)
+        a = rule.update(state, batch_grad, per_sample_grads=G)
+        avg = 0.5 * avg + 0.5 * (G**2).mean(0)
+        torch.testing.assert_close(a, avg / (1 - 0.5**t) + 1e-10, rtol=1e-12, atol=0)
+        # more than the squared batch gradient: the per-sample spread is kept
+        assert bool(torch.all((G**2).mean(0) >= batch_grad**2 - 1e-15))
+        assert float(((G**2).mean(0) - batch_grad**2).max()) > 1e-3
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def test_empirical_fisher_needs_per_sample_gradients():
+    rule = norms.EmpiricalFisher()
+    state = rule.init(torch.zeros(3))
+    with pytest.raises(ValueError, match="per_sample_grads"):
+        rule.update(state, torch.ones(3))
+    with pytest.raises(ValueError, match="per_sample_grads"):
+        rule.update(state, torch.ones(3), per_sample_grads=torch.ones(4, 2))
+    with pytest.raises(ValueError, match="per_sample_grads"):
+        rule.update(state, torch.ones(3), per_sample_grads=torch.full((2, 3), float("inf")))
+    assert float(state["count"]) == 0
+    assert norms.EmpiricalFisher.uses_per_sample_gradients
+
+
+# ----------------------------------------------------------------------------- safeguard
+def test_safeguard_makes_adagrad_uniformly_equivalent():
+    # Definition 1: without the safeguard Adagrad's mu_t grows like t^(1/4) (entries ~ sqrt(t));
+    # with it, mu_t <= mu at every step, checked by brute force on random directions.
+    torch.manual_seed(1)
+    plain, guarded = norms.Adagrad(), norms.Safeguarded(norms.Adagrad(), mu=3.0)
+    s_plain, s_guarded = plain.init(torch.zeros(4)), guarded.init(torch.zeros(4))
+    mu_plain, mu_guarded = [], []
+    for _ in range(2000):
+        g = torch.randn(4).clamp(-3, 3)
+        mu_plain.append(trlib.equivalence_constant(plain.update(s_plain, g)))
+        a = guarded.update(s_guarded, g)
+        mu_guarded.append(trlib.equivalence_constant(a))
+    assert mu_plain[-1] / mu_plain[99] == pytest.approx(20**0.25, rel=0.1)
+    assert mu_plain[-1] > 6.0 and max(mu_guarded) <= 3.0 + 1e-6
+    w = torch.randn(10000, 4)
+    ratio = torch.sqrt((w**2 * a).sum(1)) / w.norm(dim=1)  # ||w||_A / ||w||_2
+    assert float(ratio.max()) <= 3.0 * (1 + 1e-6) and float(1 / ratio.min()) <= 3.0 * (1 + 1e-6)
+    assert torch.equal(guarded.ellipsoid(s_guarded), a)
+
+
+def test_safeguard_leaves_ellipsoids_inside_the_band_alone():
+    torch.manual_seed(2)
+    inner, guarded = norms.RMS(eps=1e-3), norms.Safeguarded("rms", mu=1e3)
+    guarded.norm.eps = 1e-3
+    s1, s2 = inner.init(torch.zeros(5)), guarded.init(torch.zeros(5))
+    for _ in range(20):
+        g = torch.randn(5)
+        assert torch.equal(inner.update(s1, g), guarded.update(s2, g))
+
+
+def test_safeguard_relative_band_bounds_the_condition_number():
+    rule = norms.Safeguarded(norms.Fixed(torch.tensor([1e-6, 1e-2, 5.0, 50.0])), max_condition=100.0)
+    a = rule.update({}, torch.ones(4))
+    assert float(a.max() / a.min()) == pytest.approx(100.0)
+    assert torch.equal(a, torch.tensor([0.5, 0.5, 5.0, 50.0]))
+    both = norms.Safeguarded(norms.Fixed(torch.tensor([1e-6, 1e-2, 5.0, 50.0])), mu=4.0, max_condition=10.0)
+    a = both.update({}, torch.ones(4))
+    assert float(a.max() / a.min()) <= 10.0 and trlib.equivalence_constant(a) <= 4.0
+
+
+def test_safeguard_forwards_what_its_norm_needs():
+    H = torch.diag(torch.tensor([4.0, -0.01]))
+    rule = norms.Safeguarded(norms.Hutchinson(), mu=5.0)
+    assert rule.uses_curvature and not rule.uses_per_sample_gradients
+    a = rule.update(rule.init(torch.zeros(2)), torch.ones(2), hvp=lambda v: H @ v)
+    torch.testing.assert_close(a, torch.tensor([4.0, 0.04]))
+    assert norms.Safeguarded("fisher", mu=2.0).uses_per_sample_gradients
+    assert rule.ellipsoid(rule.init(torch.zeros(2))) is None  # nothing seen yet: the sphere
+
+
+def test_new_norms_validation_and_names():
+    assert isinstance(trlib.get_norm("hutchinson", beta=0.8, eps=1e-8), norms.Hutchinson)
+    assert isinstance(trlib.get_norm("fisher"), norms.EmpiricalFisher)
+    for call, match in [
+        (lambda: norms.Hutchinson(probes=0), "probes"),
+        (lambda: norms.Hutchinson(every=0), "every"),
+        (lambda: norms.Hutchinson(beta=1.0), "beta"),
+        (lambda: norms.Hutchinson(seed=1.5), "seed"),
+        (lambda: norms.EmpiricalFisher(eps=-1.0), "eps"),
+        (lambda: norms.Safeguarded("rms"), "safeguard"),
+        (lambda: norms.Safeguarded("rms", mu=0.5), "mu"),
+        (lambda: norms.Safeguarded("rms", max_condition=float("inf")), "max_condition"),
+        (lambda: norms.Safeguarded("nope", mu=2.0), "norm"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()

@@ -1,8 +1,10 @@
 """The book's frame: every chapter in the toc exists, notebooks are committed clean,
 the repository URL agrees everywhere, and every chapter keeps the course conventions."""
 
+import ast
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,38 @@ def test_notebook_conventions(nb):
     assert text.count("{solution-start}") == text.count("{solution-end}")
     assert ":class: dropdown" in text, "solutions are folded"
     assert data["metadata"].get("kernelspec", {}).get("name") == "python3"
+
+
+# What a chapter may import on Colab or in a plain Jupyter: the standard library, trlib with its
+# [data,plot] extras (import names of the distributions in pyproject.toml), and IPython.
+INSTALLED_WITH_EXTRAS = {"torch", "numpy", "scipy", "tqdm", "torchvision", "sklearn", "mnist1d", "matplotlib",
+                         "trlib", "IPython"}
+
+
+def _imported_modules(code):
+    # IPython magics (%pip, %matplotlib, !cmd) become `pass` at their indentation
+    lines = [re.sub(r"^(\s*)[%!].*", r"\1pass", line) for line in code.splitlines()]
+    tree = ast.parse("\n".join(lines))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_imports_only_what_the_install_cell_installs(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    setup = "".join(cells[2]["source"])
+    assert "from trlib.course import glue" in setup, "glue must come from trlib.course (myst-nb is not on Colab)"
+    assert "medium=" in setup and "banner(" in setup, "the setup cell states the chapter's medium preset"
+    for cell in cells:
+        if cell["cell_type"] != "code":
+            continue
+        for module in _imported_modules("".join(cell["source"])):
+            assert module in INSTALLED_WITH_EXTRAS or module in sys.stdlib_module_names, (
+                f"{nb.name} imports {module!r}, which trlib-torch[data,plot] does not install: "
+                "add it to the extras in pyproject.toml, or guard it in trlib.course")
 
 
 def test_citations_exist_in_bibliography():

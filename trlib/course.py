@@ -1,14 +1,20 @@
-"""Helpers only the course needs: the quick/full switch, device, seeds, and the Colab install.
+"""Helpers only the course needs: the run mode, device, seeds, progress bars, glue, the Colab install.
 
 Every chapter starts with::
 
     from trlib import course
-    MODE = course.mode()          # "quick" without a GPU, "full" with one; TRLIB_MODE overrides
+    from trlib.course import glue   # myst-nb's glue in the book, plain display elsewhere (Colab)
+    MODE = course.mode()            # "quick" on a CPU, "medium" on a GPU, "full" only when asked
     DEVICE = course.device()
     course.seed_everything(0)
 
-and reads its sizes through :func:`pick`, so one notebook serves both the rendered book
-(quick mode on 2 CPU cores, each chapter within a minute) and a real run on a GPU.
+and reads its sizes through :func:`pick`, so one notebook serves the rendered book (quick mode
+on 2 CPU cores, each chapter in about a minute), a Colab GPU session (medium mode, about 10-15
+minutes per chapter on a T4-class GPU, on the real dataset where it can be loaded) and the
+paper-size experiment (full mode, opt-in with ``TRLIB_MODE=full``).
+
+Nothing here is needed by the library itself, and nothing here needs more than the
+``trlib-torch[data,plot]`` install: myst-nb, ipywidgets and threadpoolctl are used when present.
 """
 
 from __future__ import annotations
@@ -16,57 +22,96 @@ from __future__ import annotations
 import os
 import random
 import sys
+import warnings
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["REPOSITORY_URL", "INSTALL_SPEC", "mode", "is_full", "pick", "device", "seed_everything", "banner",
-           "on_colab"]
+__all__ = ["REPOSITORY_URL", "INSTALL_SPEC", "MODES", "mode", "is_full", "pick", "device", "seed_everything",
+           "banner", "glue", "glued", "progress", "show_progress", "on_colab"]
 
 #: The repository (also in _config.yml and each notebook's install cell; a test checks they agree).
 REPOSITORY_URL = "https://github.com/trlib-course/trlib"
 #: What a notebook on Colab installs (Colab's preinstalled torch satisfies ``torch>=2.4`` and is kept).
 INSTALL_SPEC = f"trlib-torch[data,plot] @ git+{REPOSITORY_URL}@main"
 
-_MODES = ("quick", "full")
+#: The run modes, smallest first: ``quick`` (the book build on a CPU), ``medium`` (a GPU session
+#: such as Colab's), ``full`` (the paper's sizes; opt-in).
+MODES = ("quick", "medium", "full")
+
+#: Every value passed to :func:`glue`, by name (also where myst-nb is missing, e.g. on Colab).
+glued: Dict[str, Any] = {}
+
+_UNSET = object()
 
 
 def on_colab() -> bool:
+    """True inside a Google Colab kernel."""
     return "google.colab" in sys.modules
 
 
 def mode() -> str:
-    """``"full"`` on a machine with a GPU, else ``"quick"``; the environment variable
-    ``TRLIB_MODE`` (``quick`` or ``full``) overrides."""
+    """The run mode: ``TRLIB_MODE`` (``quick``, ``medium`` or ``full``) when set, else ``"medium"``
+    with a CUDA GPU and ``"quick"`` without one. Full mode never starts by itself.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict("os.environ", TRLIB_MODE="full"):
+    ...     mode()
+    'full'
+    """
     forced = os.environ.get("TRLIB_MODE", "").strip().lower()
     if forced:
-        if forced not in _MODES:
-            raise ValueError(f"Invalid TRLIB_MODE: {forced!r}; expected one of {_MODES}")
+        if forced not in MODES:
+            raise ValueError(f"invalid TRLIB_MODE {forced!r}: expected one of {', '.join(MODES)}")
         return forced
-    return "full" if torch.cuda.is_available() else "quick"
+    return "medium" if torch.cuda.is_available() else "quick"
 
 
 def is_full() -> bool:
+    """True in full mode (``TRLIB_MODE=full``)."""
     return mode() == "full"
 
 
-def pick(quick: Any, full: Any) -> Any:
-    """The value for the current mode."""
-    return full if is_full() else quick
+def pick(quick: Any, full: Any, medium: Any = _UNSET) -> Any:
+    """The value for the current mode: ``quick``, ``medium`` or ``full``.
+
+    A value given without a ``medium`` variant keeps its quick value in medium mode, so that
+    nothing grows on a GPU unless the chapter says how.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict("os.environ", TRLIB_MODE="medium"):
+    ...     pick(quick=10, medium=100, full=1000), pick(quick=10, full=1000)
+    (100, 10)
+    """
+    current = mode()
+    if current == "full":
+        return full
+    if current == "medium" and medium is not _UNSET:
+        return medium
+    return quick
+
+
+def _limit_threads() -> None:
+    # The chapters' problems are small, the book build runs notebooks side by side, and on
+    # oversubscribed cores small tensor and BLAS operations become orders of magnitude slower.
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an optional dependency (it comes with scikit-learn)
+        return
+    threadpool_limits(1)
 
 
 def device() -> torch.device:
     """CUDA when present (``TRLIB_DEVICE`` overrides), else the CPU.
 
-    In quick mode on the CPU this also limits torch to one thread: the chapters' problems
-    are tiny, the book build runs notebooks side by side, and oversubscribed cores make
-    small tensor operations orders of magnitude slower.
+    In quick mode on the CPU this also limits torch and BLAS to one thread each.
     """
     forced = os.environ.get("TRLIB_DEVICE")
     dev = torch.device(forced) if forced else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and mode() == "quick":
-        torch.set_num_threads(1)
+        _limit_threads()
     return dev
 
 
@@ -77,19 +122,66 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def banner(quick: Optional[Dict[str, Any]] = None, full: Optional[Dict[str, Any]] = None) -> str:
-    """A line for the top of a chapter: which mode produced the page, on what, and what the
-    other mode would run (``quick`` and ``full`` describe the chapter's settings)."""
+def banner(quick: Optional[Dict[str, Any]] = None, full: Optional[Dict[str, Any]] = None,
+           medium: Optional[Dict[str, Any]] = None) -> str:
+    """A few lines for the top of a chapter: which mode produced the page, on what, and what
+    each mode runs (``quick``, ``medium`` and ``full`` describe the chapter's settings)."""
     current = mode()
     dev = device()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [f"This page was produced in {current} mode on {name} with torch {torch.__version__}."]
-    if quick is not None and full is not None:
-        def fmt(d):
-            return ", ".join(f"{k}={v}" for k, v in d.items())
-
-        lines.append(f"  quick mode runs: {fmt(quick)}")
-        lines.append(f"  full mode runs:  {fmt(full)}")
-        if current == "quick":
-            lines.append("  (set TRLIB_MODE=full, or run on a GPU, e.g. on Colab, for the full experiment)")
+    notes = {"quick": "the default on a CPU", "medium": "the default on a GPU, e.g. on Colab",
+             "full": "the paper's sizes: set TRLIB_MODE=full"}
+    settings = {"quick": quick, "medium": medium, "full": full}
+    for key in MODES:
+        if settings[key] is not None:
+            shown = ", ".join(f"{k}={v}" for k, v in settings[key].items())
+            if key == "medium" and medium == full:
+                shown = "the full settings (they fit the medium time on a GPU)"
+            lines.append(f"  {key:6s} mode ({notes[key]}) runs: {shown}")
     return "\n".join(lines)
+
+
+def glue(name: str, value: Any, display: bool = True) -> None:
+    """myst-nb's ``glue`` where myst-nb is installed (the book build): the value can then be
+    used in the page's text as ``{glue:text}`name```. Without myst-nb (Colab, a plain Jupyter)
+    the value is shown when ``display`` is true and otherwise only kept, like every glued value,
+    in :data:`glued`.
+    """
+    glued[name] = value
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        if display:
+            try:
+                from IPython.display import display as show
+            except ImportError:
+                show = print
+            show(value)
+        return
+    myst_glue(name, value, display=display)
+
+
+def show_progress() -> bool:
+    """Whether the chapters show progress bars: ``TRLIB_PROGRESS`` (``1``/``0``) when set, else
+    in medium and full mode only (quick cells are short, and bars do not belong in the book)."""
+    forced = os.environ.get("TRLIB_PROGRESS", "").strip().lower()
+    if forced:
+        if forced not in ("0", "1", "true", "false", "yes", "no"):
+            raise ValueError(f"invalid TRLIB_PROGRESS {forced!r}: expected 1 or 0")
+        return forced in ("1", "true", "yes")
+    return mode() != "quick"
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar (a widget in Jupyter when ipywidgets is installed, text otherwise)
+    around ``iterable``, shown when :func:`show_progress` says so. ``kwargs`` go to tqdm.
+
+    >>> [i for i in progress(range(3), desc="runs", disable=True)]
+    [0, 1, 2]
+    """
+    kwargs.setdefault("disable", not show_progress())
+    with warnings.catch_warnings():  # tqdm.auto warns about its own notebook mode on import
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)

@@ -154,6 +154,30 @@ def test_tr_backprops_are_gradients_plus_hvps_and_evaluation_is_free(digits, mon
     assert without_time(dense[-1:]) == without_time(sparse[-1:])
 
 
+def test_data_passes_are_the_samples_through_gradients_and_products(digits, monkeypatch):
+    # independent of opt.counts: the batch each step drew, and the products its solver reported
+    steps, real_step = [], runner.Trainer.step
+
+    def spy(self):
+        drawn, tr = self.state.samples, isinstance(self.opt, runner.TrustRegion)
+        real_step(self)
+        steps.append((self.state.samples - drawn, self.opt.last["iterations"] if tr else 0))
+
+    monkeypatch.setattr(runner.Trainer, "step", spy)
+    log = go("tr_adagrad", "3epochs", digits)
+    assert {b for b, _ in steps} == {512, 413} and max(k for _, k in steps) > 1
+    assert log[-1]["data_passes"] == pytest.approx(sum(b * (1 + k) for b, k in steps) / N, rel=1e-12)
+    assert log[-1]["data_passes"] > log[-1]["epoch"] == 3.0
+    # a first-order step sends its batch through one gradient: data passes are epochs
+    assert all(r["data_passes"] == pytest.approx(r["epoch"]) for r in go("sgd", "2.5epochs", digits))
+    steps.clear()
+    warm = go("tr_rms", "2epochs", digits, overrides={"warmup_method": "rmsprop", "warmup_lr": 5e-4,
+                                                       "warmup_epochs": 1, "radius": 0.05})
+    main_steps = [(b, k) for b, k in steps if k]
+    assert warm[1]["phase"] == "main" and warm[1]["data_passes"] == 1.0  # the warm-up epoch
+    assert warm[-1]["data_passes"] == pytest.approx(1.0 + sum(b * (1 + k) for b, k in main_steps) / N)
+
+
 def spent_per_step(unit):
     seen = []
     return seen, lambda info: seen.append(info[unit])
@@ -192,7 +216,7 @@ def test_time_budget_counts_training_only(digits, monkeypatch):
 
 def test_tr_batch_grows_when_the_full_loss_check_fails(digits, monkeypatch):
     rising = iter(range(100))  # every check sees a higher full loss than the last
-    monkeypatch.setattr(runner._Trainer, "_full_loss", lambda self: float(next(rising)))
+    monkeypatch.setattr(runner.Trainer, "full_training_loss", lambda self: float(next(rising)))
     log = go("tr_uniform", "6epochs", digits, overrides={"batch_size": 128, "batch_cap": 0.1})
     b, expected = 128, [128]
     for _ in range(6):  # x1.05 rounded up, capped at 10% of n = 143
@@ -200,7 +224,7 @@ def test_tr_batch_grows_when_the_full_loss_check_fails(digits, monkeypatch):
         expected.append(b)
     assert [r["batch_size"] for r in log] == expected == [128, 135, 142, 143, 143, 143, 143]
     falling = iter(range(100, 0, -1))
-    monkeypatch.setattr(runner._Trainer, "_full_loss", lambda self: float(next(falling)))
+    monkeypatch.setattr(runner.Trainer, "full_training_loss", lambda self: float(next(falling)))
     assert {r["batch_size"] for r in go("tr_uniform", "5epochs", digits, overrides={"batch_size": 128})} == {128}
 
 
@@ -276,7 +300,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path, digits):
 def test_ctrl_c_in_the_cli_then_resume_is_bit_for_bit(tmp_path, digits, monkeypatch, capsys):
     # A real SIGINT, mid-epoch: it is honoured after the current step, the CLI says how to
     # resume and exits with 130; running the same command again finishes the run.
-    real_step, calls = runner._Trainer.step, []
+    real_step, calls = runner.Trainer.step, []
 
     def step_then_ctrl_c(self):
         real_step(self)
@@ -284,7 +308,7 @@ def test_ctrl_c_in_the_cli_then_resume_is_bit_for_bit(tmp_path, digits, monkeypa
         if len(calls) == 30:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(runner._Trainer, "step", step_then_ctrl_c)
+    monkeypatch.setattr(runner.Trainer, "step", step_then_ctrl_c)
     handler = signal.getsignal(signal.SIGINT)
     argv = ["run", "--task", "mnist_mlp", "--method", "sgd", "--budget", "5epochs", "--out", str(tmp_path),
             "--quick", "--no-progress"]
@@ -338,14 +362,16 @@ def test_jsonl_round_trip_and_bad_files(tmp_path):
 
 # --- the table ---------------------------------------------------------------------------------
 
-def fake_run(method, seed, reach_at, final_loss, task="mnist_mlp", dataset=STAND_IN):
-    """Evaluations every 10 backprops; the accuracy crosses 99% at backprops=reach_at (None: never)."""
+def fake_run(method, seed, reach_at, final_loss, task="mnist_mlp", dataset=STAND_IN, passes_per_bp=0.03):
+    """Evaluations every 10 backprops; the accuracy crosses 99% at backprops=reach_at (None: never),
+    and 90% at reach_at / 2."""
     out = []
     for i in range(11):
         bp = 10 * i
-        acc = 0.995 if reach_at is not None and bp >= reach_at else 0.5
+        acc = 0.5 if reach_at is None else 0.995 if bp >= reach_at else 0.92 if bp >= reach_at / 2 else 0.5
         out.append(dict(task=task, method=method, seed=seed, dataset=dataset, step=i, backprops=bp, epoch=bp / 100,
-                        time=bp / 1000, train_loss=final_loss + (10 - i), train_acc=acc, test_acc=acc - 0.1))
+                        data_passes=bp * passes_per_bp, time=bp / 1000, train_loss=final_loss + (10 - i),
+                        train_acc=acc, test_acc=acc - 0.1))
     return out
 
 
@@ -375,6 +401,26 @@ def test_table_statistics_match_scipy():
     csv_rows = format_table(list(rows.values()), "csv").splitlines()
     assert csv_rows[0].startswith("task,dataset,method,seeds,reached,backprops_mean,backprops_ci")
     assert len(csv_rows) == 4 and float(csv_rows[1].split(",")[5]) == pytest.approx(mean)
+    assert csv_rows[0].split(",")[7:9] == ["data_passes_mean", "data_passes_ci"]
+
+
+def test_table_costs_to_a_chosen_threshold_in_four_measures():
+    records = [r for s, at in {0: 40, 1: 80}.items() for r in fake_run("tr_rms", s, at, 0.1, passes_per_bp=0.05)]
+    (row,) = summarize(records, threshold=0.9)
+    # 90% is first reached at the first evaluation at or above reach_at / 2: backprops 20 and 40
+    assert row["reached"] == [0, 1] and row["backprops"][0] == 30
+    assert row["data_passes"][0] == pytest.approx(30 * 0.05) and row["epochs"][0] == pytest.approx(0.3)
+    text = format_table([row], threshold=0.9)
+    head = next(line for line in text.splitlines() if line.startswith("method"))
+    for column in ("reached 90%", "backprops to 90%", "data passes to 90%", "epochs to 90%", "seconds to 90%"):
+        assert column in head
+    assert "1.5 ± " in text  # data passes: mean 1.5 over the two seeds
+    assert "reached 99.5%" in format_table(summarize(records, threshold=0.995), threshold=0.995)
+    # files written before data passes were recorded: the column says so
+    old = [{k: v for k, v in r.items() if k != "data_passes"} for r in records]
+    (row,) = summarize(old, threshold=0.9)
+    assert row["data_passes"] is None and row["backprops"][0] == 30
+    assert "not recorded" in format_table([row], threshold=0.9)
 
 
 def test_table_of_an_autoencoder_has_no_accuracy():
@@ -454,9 +500,11 @@ def test_cli_end_to_end(tmp_path):
     assert table.returncode == 0, table.stderr
     assert f"mnist_mlp on {STAND_IN}" in table.stdout and "tr_uniform" in table.stdout and "sgd" in table.stdout
     fig = tmp_path / "fig.png"
-    plot = cli("plot", "--in", str(out), "--x", "time", "--out", str(fig))
+    plot = cli("plot", "--in", str(out), "--x", "data_passes", "--out", str(fig))
     assert plot.returncode == 0, plot.stderr
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = cli("table", "--in", str(out), "--threshold", "0.5")
+    assert table.returncode == 0 and "data passes to 50%" in table.stdout, table.stderr
 
 
 def test_help(capsys):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trlib.experiments import load_runs, run
+from trlib.experiments import Trainer, load_runs, run
 from trlib.experiments import distributed as D
 from trlib.experiments.__main__ import main
 
@@ -86,13 +86,13 @@ def _worker(rank, world, init_file, out_dir):
 
         train, test = load_data("cifar_resnet20", "stand-in", verbose=False)
         cfg = get_config("cifar_resnet20", "tr_rms", batch_size=32, max_krylov=3, warmup_epochs=0, radius=0.01)
-        trainer = D.DistributedTrainer(cfg, train, test, torch.device("cpu"), 0, ctx)
+        trainer = Trainer(cfg, train, test, torch.device("cpu"), 0, ctx)
         for _ in range(2):
             trainer.step()
         trainer.record()
         report["resnet_params"] = [p.detach().clone() for p in trainer.model.parameters()]
         report["resnet_buffers"] = [b.clone() for b in trainer.model.buffers()]
-        report["resnet_log"] = trainer.s["log"]
+        report["resnet_log"] = trainer.state.log
         torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -28,7 +28,7 @@ def fake(method, seed, slope, task="mnist_mlp", dataset=STAND_IN, steps=11, acc=
     for i in range(steps):
         x = 10.0 * i
         out.append(dict(task=task, method=method, seed=seed, dataset=dataset, step=i, backprops=x, epoch=x / 50,
-                        time=x / 100 * (1 + seed), train_loss=1 / (1 + slope * x), test_loss=1 / (1 + slope * x),
+                        data_passes=x / 20, time=x / 100 * (1 + seed), train_loss=1 / (1 + slope * x), test_loss=1 / (1 + slope * x),
                         train_acc=min(1.0, slope * x / 10) if acc else None,
                         test_acc=min(1.0, slope * x / 12) if acc else None))
     return out
@@ -91,9 +91,15 @@ def test_plot_comparison_one_row_per_task_and_no_accuracy_for_autoencoders():
     assert "95%" in fig._suptitle.get_text()
 
 
-def test_plot_budget_axes_shows_backprops_epochs_and_time():
+def test_plot_budget_axes_shows_backprops_data_passes_epochs_and_time():
     fig = plotting.plot_budget_axes(records(), y="train_loss")
-    assert [ax.get_xlabel().split()[0] for ax in fig.axes] == ["backprops", "epochs", "training"]
+    assert [ax.get_xlabel().split()[0] for ax in fig.axes] == ["backprops", "data", "epochs", "training"]
+    line = fig.axes[1].get_lines()[0]  # against data passes = backprops / 20
+    assert line.get_xdata()[-1] == pytest.approx(100 / 20)
+    old = [{k: v for k, v in r.items() if k != "data_passes"} for r in records()]  # written before they were
+    assert len(plotting.plot_budget_axes(old).axes) == 3
+    with pytest.raises(ValueError, match="data_passes is not recorded"):
+        plotting.plot_curves(old, x="data_passes")
 
 
 def test_errors_name_the_problem():

@@ -20,7 +20,8 @@ dataset.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = ["X_AXES", "Y_LABELS", "METHOD_LABELS", "method_style", "mean_band", "
 #: x axis name -> (record key, axis label)
 X_AXES = {
     "backprops": ("backprops", "backprops (gradients + Hessian-vector products)"),
+    "data_passes": ("data_passes", "data passes (samples through gradients and products / training-set size)"),
     "epochs": ("epoch", "epochs (samples seen / training-set size)"),
     "time": ("time", "training time [s]"),
 }
@@ -72,10 +74,17 @@ def mean_band(curves: Sequence[Tuple[Sequence[float], Sequence[float]]], grid_po
     return grid, mean, mean - half, mean + half
 
 
-def _select(records: Iterable[Dict[str, Any]], task: Optional[str], methods: Optional[Sequence[str]]):
-    from .experiments.results import group_runs
+def _group(records: Iterable[Dict[str, Any]]) -> Dict[tuple, Dict[Any, List[Dict[str, Any]]]]:
+    """``{(task, dataset, method): {seed: records in step order}}``."""
+    groups: Dict[tuple, Dict[Any, List[Dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        groups[(rec["task"], rec["dataset"], rec["method"])][rec["seed"]].append(rec)
+    return {k: {seed: sorted(v, key=lambda r: r["step"]) for seed, v in sorted(runs.items())}
+            for k, runs in groups.items()}
 
-    groups = group_runs(records)
+
+def _select(records: Iterable[Dict[str, Any]], task: Optional[str], methods: Optional[Sequence[str]]):
+    groups = _group(records)
     if task is not None:
         groups = {k: v for k, v in groups.items() if k[0] == task}
     if methods is not None:
@@ -108,6 +117,9 @@ def plot_curves(records: Iterable[Dict[str, Any]], x: str = "backprops", y: str 
     ax = ax if ax is not None else plt.gca()
     key = X_AXES[x][0]
     for (_, _, method), runs in groups:
+        if any(r.get(key) is None for recs in runs.values() for r in recs):
+            raise ValueError(f"{x} is not recorded in the records of {task_name} {method} (files written "
+                             f"before the runner recorded it); choose another x axis")
         curves = [([r[key] for r in recs if r.get(y) is not None], [r[y] for r in recs if r.get(y) is not None])
                   for recs in runs.values()]
         curves = [c for c in curves if c[0]]
@@ -153,10 +165,8 @@ def plot_comparison(records: Iterable[Dict[str, Any]], x: str = "backprops",
     ``x``. Returns the figure."""
     import matplotlib.pyplot as plt
 
-    from .experiments.results import group_runs
-
     records = list(records)
-    problems = sorted({k[:2] for k in group_runs(records)})
+    problems = sorted({k[:2] for k in _group(records)})
     if tasks is not None:
         problems = [p for p in problems if p[0] in tasks]
     if not problems:
@@ -180,14 +190,18 @@ def plot_comparison(records: Iterable[Dict[str, Any]], x: str = "backprops",
 
 
 def plot_budget_axes(records: Iterable[Dict[str, Any]], y: str = "train_loss", *, task: Optional[str] = None,
-                     methods: Optional[Sequence[str]] = None, confidence: float = 0.95):
-    """One metric against backprops, epochs and time side by side (the paper's "fair
-    comparison" of Section 5). Returns the figure."""
+                     methods: Optional[Sequence[str]] = None, confidence: float = 0.95,
+                     xs: Optional[Sequence[str]] = None):
+    """One metric against several measures of work side by side (the paper's "fair comparison"
+    of Section 5, with data passes added). ``xs``: names of :data:`X_AXES`; default: every
+    measure the records hold (backprops, data passes, epochs, time). Returns the figure."""
     import matplotlib.pyplot as plt
 
     records = list(records)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for i, (x, ax) in enumerate(zip(X_AXES, axes)):
+    if xs is None:
+        xs = [x for x, (key, _) in X_AXES.items() if all(r.get(key) is not None for r in records)]
+    fig, axes = plt.subplots(1, len(xs), figsize=(4.2 * len(xs), 4.2), squeeze=False)
+    for i, (x, ax) in enumerate(zip(xs, axes[0])):
         plot_curves(records, x=x, y=y, ax=ax, task=task, methods=methods, confidence=confidence, legend=(i == 0))
     fig.tight_layout()
     return fig

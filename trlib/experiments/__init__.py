@@ -10,14 +10,21 @@ Library::
 Command line (``python -m trlib.experiments --help``)::
 
     python -m trlib.experiments run --task mnist_mlp --method tr_rms sgd --seeds 0 1 2 --budget 20epochs --out results/
-    python -m trlib.experiments table --in results/
-    python -m trlib.experiments plot --in results/ --x backprops --out fig.png
+    python -m trlib.experiments table --in results/ --threshold 0.9
+    python -m trlib.experiments plot --in results/ --x data_passes --out fig.png
+
+Modules: :mod:`~trlib.experiments.configs` (settings and presets), :mod:`~trlib.experiments.runner`
+(one run: budget, trainer, checkpoints), :mod:`~trlib.experiments.distributed` (the data-parallel
+communicator), :mod:`~trlib.experiments.results` (files, summary table),
+:mod:`~trlib.experiments.storage` (atomic writes).
 """
 
-from .configs import ADAM_GRID, FIRST_ORDER, METHODS, TR_METHODS, get_config, parse_overrides
-from .results import Run, format_table, load_results, load_runs, mean_ci, summarize, write_run
-from .runner import Budget, Objective, evaluate, load_data, parse_budget, run
+from .configs import ADAM_GRID, FIRST_ORDER, METHODS, PRESETS, TR_METHODS, get_config, parse_overrides
+from .results import Run, format_table, load_results, load_runs, mean_ci, read_run, summarize, write_run
+from .runner import (Budget, Objective, SingleProcess, Trainer, TrainerState, evaluate, load_data, parse_budget,
+                     run)
 
-__all__ = ["run", "load_results", "load_runs", "summarize", "format_table", "mean_ci", "get_config",
+__all__ = ["run", "load_results", "load_runs", "read_run", "summarize", "format_table", "mean_ci", "get_config",
            "parse_overrides", "parse_budget", "Budget", "Objective", "load_data", "evaluate", "write_run", "Run",
-           "METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID"]
+           "Trainer", "TrainerState", "SingleProcess", "METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID",
+           "PRESETS"]

@@ -42,11 +42,12 @@ Sources and choices (see the project notes, REFERENCE.md section 2):
 from __future__ import annotations
 
 import ast
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ..models import TASKS, get_task
 
-__all__ = ["METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID", "ADAM_TUNING", "get_config", "parse_overrides"]
+__all__ = ["METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID", "ADAM_TUNING", "PRESETS", "get_config",
+           "parse_overrides"]
 
 #: TR methods -> the norm of :class:`trlib.TrustRegion`.
 TR_METHODS = {"tr_uniform": "uniform", "tr_adagrad": "adagrad", "tr_rms": "rms"}
@@ -106,21 +107,69 @@ def family(task: str) -> str:
     return "mlp" if task.endswith("_mlp") else "conv"
 
 
-def get_config(task: str, method: str, **overrides: Any) -> Dict[str, Any]:
+def _authors(task: str, method: str) -> Dict[str, Any]:
+    """The settings of ``method`` on ``task`` from the authors' table (the ``"paper"`` preset)."""
+    if method in TR_METHODS:
+        norm = TR_METHODS[method]
+        radius, decrease, eta1, eta2, batch, growth, cap, warmup = _TR_TABLE[task]
+        i = _NORM_INDEX[norm]
+        cfg = dict(kind="tr", norm=norm, radius=radius[i], decrease=decrease[i], increase=1.1, eta1=eta1,
+                   eta2=eta2, max_radius=10.0, krylov_tol=0.1, max_krylov=50, subproblem="cg",
+                   batch_size=batch, batch_growth=growth, batch_cap=cap, check_every=1,
+                   warmup_method=warmup[0] if warmup else None, warmup_lr=warmup[1] if warmup else None,
+                   warmup_epochs=warmup[2] if warmup else 0, warmup_batch_size=128)
+        cfg.update(_TR_EXTRA.get(task, {}))
+        return cfg
+    return dict(kind="first_order", optimizer=FIRST_ORDER[method], lr=_FIRST_ORDER_LR[family(task)][method],
+                batch_size=128)
+
+
+def _quick(task: str, method: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Quick mode's changes: an evaluation every 1/4 epoch, warm-ups of at most 1 epoch, and the
+    library's automatic first radius for the TR methods (the authors' first radii, e.g. 1e-4
+    for TR-RMS, are for runs of thousands of steps: a tiny run never grows out of them)."""
+    out: Dict[str, Any] = {"eval_every": 0.25}
+    if cfg.get("warmup_epochs", 0) > 1:
+        out["warmup_epochs"] = 1
+    if cfg["kind"] == "tr":
+        out["radius"] = None
+    return out
+
+
+#: Named sets of settings, ``name -> function(task, method) -> settings``. A preset is applied
+#: after quick mode's changes and before ``overrides``: what is named explicitly wins.
+#: ``"paper"``: the authors' table (the defaults are the authors' table too; in quick mode the
+#: preset keeps the authors' first radius and warm-up length).
+PRESETS: Dict[str, Callable[[str, str], Dict[str, Any]]] = {"paper": _authors}
+
+_NOT_SETTINGS = ("task", "method", "kind", "preset")
+
+
+def get_config(task: str, method: str, *, quick: bool = False, preset: Optional[str] = None,
+               **overrides: Any) -> Dict[str, Any]:
     """The full configuration of ``method`` on ``task``; keyword arguments override keys.
 
-    Raises ValueError for an unknown task, method or key, or a value of the wrong type.
+    ``quick``: quick mode's changes (:func:`_quick`); ``preset``: a name of :data:`PRESETS`.
+    Order: the defaults, quick mode, the preset, ``overrides``. The result records ``preset``.
+
+    Raises ValueError for an unknown task, method, preset or key, or a value of the wrong type.
 
     >>> sorted(get_config("mnist_mlp", "adam"))[:4]
     ['batch_size', 'eval_batch_size', 'eval_every', 'kind']
+    >>> get_config("mnist_mlp", "tr_rms", quick=True)["radius"] is None   # the automatic first radius
+    True
+    >>> get_config("mnist_mlp", "tr_rms", quick=True, preset="paper")["radius"]
+    0.0001
     >>> get_config("mnist_mlp", "adam", radius=1.0)
     Traceback (most recent call last):
     ...
-    ValueError: unknown setting 'radius' for method 'adam'; valid settings: batch_size, eval_batch_size, eval_every, l2, loss, lr, method, optimizer, task
+    ValueError: unknown setting 'radius' for method 'adam'; valid settings: batch_size, eval_batch_size, eval_every, l2, loss, lr, optimizer
     """
     spec = get_task(task)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     classification = spec.loss == "classification"
     cfg: Dict[str, Any] = {
         "task": task,
@@ -130,24 +179,18 @@ def get_config(task: str, method: str, **overrides: Any) -> Dict[str, Any]:
         "eval_every": 1.0,       # epochs between evaluations on the full training and test sets
         "eval_batch_size": 4096,  # evaluation chunks (memory only: the results do not depend on it)
     }
-    if method in TR_METHODS:
-        norm = TR_METHODS[method]
-        radius, decrease, eta1, eta2, batch, growth, cap, warmup = _TR_TABLE[task]
-        i = _NORM_INDEX[norm]
-        cfg.update(kind="tr", norm=norm, radius=radius[i], decrease=decrease[i], increase=1.1, eta1=eta1,
-                   eta2=eta2, max_radius=10.0, krylov_tol=0.1, max_krylov=50, subproblem="cg",
-                   batch_size=batch, batch_growth=growth, batch_cap=cap, check_every=1,
-                   warmup_method=warmup[0] if warmup else None, warmup_lr=warmup[1] if warmup else None,
-                   warmup_epochs=warmup[2] if warmup else 0, warmup_batch_size=128)
-        cfg.update(_TR_EXTRA.get(task, {}))
-    else:
-        cfg.update(kind="first_order", optimizer=FIRST_ORDER[method], lr=_FIRST_ORDER_LR[family(task)][method],
-                   batch_size=128)
+    cfg.update(_authors(task, method))
+    if quick:
+        cfg.update(_quick(task, method, cfg))
+    if preset is not None:
+        cfg.update(PRESETS[preset](task, method))
+    cfg["preset"] = preset
+    kinds = _authors(task, method)  # the type of each setting (quick mode's radius None is no type)
     for key, value in overrides.items():
-        if key not in cfg or key in ("task", "method", "kind"):
-            valid = ", ".join(k for k in sorted(cfg) if k not in ("kind",))
+        if key not in cfg or key in _NOT_SETTINGS:
+            valid = ", ".join(k for k in sorted(cfg) if k not in _NOT_SETTINGS)
             raise ValueError(f"unknown setting {key!r} for method {method!r}; valid settings: {valid}")
-        cfg[key] = _coerce(key, cfg[key], value)
+        cfg[key] = _coerce(key, kinds.get(key, cfg[key]), value)
     _validate(cfg)
     return cfg
 

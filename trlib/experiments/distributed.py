@@ -56,17 +56,16 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .runner import _Trainer
-
-__all__ = ["Context", "setup", "teardown", "in_torchrun", "shard", "DistributedTrainer", "load_data_on_rank0_first"]
+__all__ = ["Context", "setup", "teardown", "in_torchrun", "shard", "load_data_on_rank0_first"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
 class Context:
-    """This process's place in the group: ``rank`` of ``world_size``, its ``device`` and the
-    ``backend`` (``"nccl"`` or ``"gloo"``). ``group`` is the process group (None: the world)."""
+    """The data-parallel communicator of the runner (see :class:`trlib.experiments.runner.SingleProcess`
+    for the interface): this process is ``rank`` of ``world_size``, on ``device``, talking over
+    ``backend`` (``"nccl"`` or ``"gloo"``) in ``group`` (None: the world)."""
 
     rank: int
     world_size: int
@@ -78,6 +77,40 @@ class Context:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def trust_region_options(self) -> Dict[str, Any]:
+        """TrustRegion averages the loss, the gradient, every product and the trial loss."""
+        return dict(distributed=True, process_group=self.group)
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's contiguous piece of ``idx`` (see :func:`shard`)."""
+        return shard(idx, self.rank, self.world_size)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` replaced, in place, by its average over the processes (one all-reduce)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self.group)
+            tensor.div_(self.world_size)
+        return tensor
+
+    def agree(self, stop: bool, seconds: float):
+        """(whether any process saw a Ctrl-C/SIGTERM, the slowest process's training seconds):
+        one all-reduce of two numbers, so all processes stop at the same step."""
+        if self.world_size == 1:
+            return stop, seconds
+        flags = torch.tensor([1.0 if stop else 0.0, seconds], dtype=torch.float64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flags[0] > 0), float(flags[1])
+
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        """BatchNorm running statistics: the average over processes (each saw its own slices)."""
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if self.world_size > 1 and buffers:
+            flat = self.mean(torch.cat([b.reshape(-1) for b in buffers]))
+            with torch.no_grad():
+                for b, chunk in zip(buffers, flat.split([b.numel() for b in buffers])):
+                    b.copy_(chunk.view_as(b))
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -186,89 +219,3 @@ def load_data_on_rank0_first(ctx: Context, load: Callable[[str, bool], Any], dat
     if kind == "error":
         raise RuntimeError(f"rank 0 could not load the data: {detail}")
     return result if ctx.is_main else load(detail, False)
-
-
-def _all_reduce(tensor: torch.Tensor, ctx: Context, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if ctx.world_size > 1:
-        dist.all_reduce(tensor, op=op, group=ctx.group)
-    return tensor
-
-
-class DistributedTrainer(_Trainer):
-    """The runner's trainer with the data-parallel hooks (see the module docstring)."""
-
-    def __init__(self, cfg: Dict[str, Any], train, test, device: torch.device, seed: int, ctx: Context):
-        self.ctx = ctx
-        super().__init__(cfg, train, test, device, seed)
-        self._float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        with torch.no_grad():  # the same seed gives the same weights everywhere; make sure of it
-            if ctx.world_size > 1:
-                for t in self.model.state_dict().values():
-                    dist.broadcast(t, src=0, group=ctx.group)
-
-    # TR: one all-reduce each for the loss, the gradient, every product and the trial loss
-    def _tr_options(self) -> Dict[str, Any]:
-        return dict(distributed=True, process_group=self.ctx.group)
-
-    def _closure(self, idx):
-        ctx, objective = self.ctx, self.objective
-        local = shard(idx, ctx.rank, ctx.world_size)
-        xb, yb = self.train.x[local], self.train.y[local]
-        target = objective.target(xb, yb)
-        # the data sum over batch / W: the average over processes is the mean over the batch
-        per_process = len(idx) / ctx.world_size
-        return lambda: objective.data_sum(self.model(xb), target) / per_process + objective.penalty()
-
-    def _reduce_gradients(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        _all_reduce(flat, self.ctx).div_(self.ctx.world_size)
-        for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = chunk.view_as(p)
-
-    def _average_buffers(self) -> None:
-        """BatchNorm running statistics: the average over processes (each saw its own slices)."""
-        if self.ctx.world_size > 1 and self._float_buffers:
-            flat = torch.cat([b.reshape(-1) for b in self._float_buffers])
-            _all_reduce(flat, self.ctx).div_(self.ctx.world_size)
-            with torch.no_grad():
-                for b, chunk in zip(self._float_buffers, flat.split([b.numel() for b in self._float_buffers])):
-                    b.copy_(chunk.view_as(b))
-
-    @torch.no_grad()
-    def _evaluate(self, data):
-        """(loss, accuracy) on the whole of ``data``: each process takes a slice, one all-reduce adds up."""
-        self._average_buffers()
-        ctx, objective, model = self.ctx, self.objective, self.model
-        n = len(data)
-        piece = shard(torch.arange(n), ctx.rank, ctx.world_size)
-        start, stop = (int(piece[0]), int(piece[-1]) + 1) if len(piece) else (0, 0)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # data sum, correct
-        was_training = model.training
-        model.eval()
-        try:
-            size = self.cfg["eval_batch_size"]
-            for lo in range(start, stop, size):
-                hi = min(lo + size, stop)
-                x, y = data.x[lo:hi], data.y[lo:hi]
-                out = model(x)
-                sums[0] += objective.data_sum(out, objective.target(x, y)).double()
-                if objective.classification:
-                    sums[1] += (out.argmax(1) == y).sum().double()
-        finally:
-            model.train(was_training)
-        _all_reduce(sums, ctx)
-        loss = float(sums[0]) / n + float(objective.penalty())
-        return loss, (float(sums[1]) / n if objective.classification else None)
-
-    def agree(self, stop: bool) -> bool:
-        flags = torch.tensor([1.0 if stop else 0.0, self.s["seconds"]], dtype=torch.float64, device=self.device)
-        _all_reduce(flags, self.ctx, dist.ReduceOp.MAX)
-        self.s["seconds"] = float(flags[1])
-        return bool(flags[0] > 0)
-
-    def state_dict(self) -> Dict[str, Any]:
-        self._average_buffers()
-        return super().state_dict()
-

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .configs import METHODS
+from .storage import atomic_write
 
 __all__ = ["Run", "write_run", "read_run", "load_runs", "load_results", "mean_ci", "first_reach",
            "group_runs", "summarize", "format_table"]
@@ -50,12 +51,8 @@ def write_run(path: PathLike, provenance: Dict[str, Any], records: Iterable[Dict
     """Write one run (atomically: a temporary file, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"provenance": provenance}) + "\n")
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
+    lines = [json.dumps({"provenance": provenance})] + [json.dumps(rec) for rec in records]
+    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def read_run(path: PathLike) -> Run:
@@ -137,19 +134,23 @@ def first_reach(records: Sequence[Dict[str, Any]], metric: str = "train_acc",
     return None
 
 
-_COSTS = (("backprops", "backprops"), ("epochs", "epoch"), ("seconds", "time"))
+#: The costs to a threshold: (row key, record key). Data passes: samples through gradient and
+#: Hessian-vector passes / training-set size (fair across batch sizes; not in files written
+#: before they were recorded, where the column says so).
+_COSTS = (("backprops", "backprops"), ("data_passes", "data_passes"), ("epochs", "epoch"), ("seconds", "time"))
 
 
 def summarize(records: Iterable[Dict[str, Any]], threshold: float = 0.99,
               confidence: float = 0.95) -> List[Dict[str, Any]]:
     """One row per (task, dataset, method): how many seeds, how many reached ``threshold``
-    training accuracy, the mean and CI half-width over those of backprops, epochs and seconds
-    to get there, and over all seeds of the final training loss and test accuracy.
+    training accuracy, the mean and CI half-width over those of the work to get there
+    (backprops, data passes, epochs, seconds), and over all seeds of the final training loss
+    and test accuracy.
 
     Row keys: ``task, dataset, method, seeds, reached`` (seeds that reached it),
-    ``backprops, epochs, seconds, final_train_loss, final_train_acc, final_test_acc``
-    (each ``(mean, half_width)``; None where not applicable, e.g. accuracy of an autoencoder
-    or a cost that no seed reached).
+    ``backprops, data_passes, epochs, seconds, final_train_loss, final_train_acc,
+    final_test_acc`` (each ``(mean, half_width)``; None where not applicable, e.g. accuracy of
+    an autoencoder, a cost that no seed reached, or data passes of runs that did not record them).
     """
     rows = []
     for (task, dataset, method), runs in group_runs(records).items():
@@ -159,7 +160,8 @@ def summarize(records: Iterable[Dict[str, Any]], threshold: float = 0.99,
         reached = [seed for seed, hit in hits.items() if hit is not None]
         row = dict(task=task, dataset=dataset, method=method, seeds=list(runs), reached=reached if classifier else None)
         for name, key in _COSTS:
-            row[name] = mean_ci([hits[s][key] for s in reached], confidence) if reached else None
+            values = [hits[s].get(key) for s in reached]
+            row[name] = mean_ci(values, confidence) if reached and None not in values else None
         for name in ("train_loss", "train_acc", "test_acc"):
             values = [r[name] for r in finals if r.get(name) is not None]
             row[f"final_{name}"] = mean_ci(values, confidence) if values else None
@@ -173,6 +175,11 @@ def summarize(records: Iterable[Dict[str, Any]], threshold: float = 0.99,
 def _pm(ci, fmt) -> str:
     mean, hw = ci
     return fmt(mean) if math.isnan(hw) else f"{fmt(mean)} ± {fmt(hw)}"
+
+
+def _percent(threshold: float) -> str:
+    """``0.99`` -> ``"99%"``, ``0.995`` -> ``"99.5%"``."""
+    return f"{100 * threshold:.10g}%"
 
 
 def _sig(v: float) -> str:
@@ -193,13 +200,16 @@ def _cells(row: Dict[str, Any], threshold: float) -> List[str]:
     out = [row["method"], str(n)]
     if row["reached"] is None:
         out.append("n/a")
-        out += ["n/a (no accuracy)"] * 3
+        out += ["n/a (no accuracy)"] * len(_COSTS)
     else:
         k = len(row["reached"])
         out.append(f"{k}/{n}")
-        for (name, _), fmt in zip(_COSTS, (lambda v: f"{v:,.0f}", lambda v: f"{v:.2f}", lambda v: f"{v:.2f}")):
+        formats = (lambda v: f"{v:,.0f}", lambda v: f"{v:.3g}", lambda v: f"{v:.2f}", lambda v: f"{v:.2f}")
+        for (name, _), fmt in zip(_COSTS, formats):
             if not k:
-                out.append(f"never reached {threshold:.0%}")
+                out.append(f"never reached {_percent(threshold)}")
+            elif row[name] is None:
+                out.append("not recorded")
             else:
                 out.append(_pm(row[name], fmt) + ("" if k == n else f" ({k}/{n} seeds)"))
     out.append(_pm_loss(row["final_train_loss"]))
@@ -217,9 +227,9 @@ def format_table(rows: Sequence[Dict[str, Any]], fmt: str = "text", threshold: f
         raise ValueError(f"invalid table format {fmt!r}; expected 'text', 'markdown' or 'csv'")
     if fmt == "csv":
         return _csv(rows)
-    pct = f"{threshold:.0%}"
-    head = ["method", "seeds", f"reached {pct}", f"backprops to {pct}", f"epochs to {pct}",
-            f"seconds to {pct}", "final train loss", "final test acc"]
+    pct = _percent(threshold)
+    head = ["method", "seeds", f"reached {pct}", f"backprops to {pct}", f"data passes to {pct}",
+            f"epochs to {pct}", f"seconds to {pct}", "final train loss", "final test acc"]
     blocks = []
     by_task: Dict[tuple, list] = defaultdict(list)
     for row in rows:
@@ -243,7 +253,7 @@ def format_table(rows: Sequence[Dict[str, Any]], fmt: str = "text", threshold: f
 def _csv(rows) -> str:
     buf = io.StringIO()
     fields = ["task", "dataset", "method", "seeds", "reached"]
-    stats = ["backprops", "epochs", "seconds", "final_train_loss", "final_train_acc", "final_test_acc"]
+    stats = [name for name, _ in _COSTS] + ["final_train_loss", "final_train_acc", "final_test_acc"]
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(fields + [f"{s}_{part}" for s in stats for part in ("mean", "ci")])
     for row in rows:

@@ -4,9 +4,12 @@ What one run measures, and how:
 
 * **work** is counted in backprops (the paper's unit): for the TR methods
   ``opt.backprops`` (gradients + Hessian-vector products), for a first-order method one per
-  mini-batch; in epochs (samples drawn / training-set size); and in seconds of training
-  (the clock stops for evaluations and checkpoints; on CUDA it reads after
-  ``torch.cuda.synchronize``). A warm-up counts in all three.
+  mini-batch; in data passes (samples sent through gradient and Hessian-vector passes /
+  training-set size: a TR step of batch ``b`` costs ``b`` x (gradients + products), with
+  ``opt.counts["hvp"]`` in full-batch products, a first-order step ``b``), which is fair
+  across batch sizes; in epochs (samples drawn / training-set size); and in seconds of
+  training (the clock stops for evaluations and checkpoints; on CUDA it reads after
+  ``torch.cuda.synchronize``). A warm-up counts in all four.
 * **evaluation** (training loss and accuracy on the whole training set, test loss and
   accuracy) runs every ``eval_every`` epochs, in eval mode under ``torch.no_grad()``, and
   is no work: it changes none of the counters and no random state.
@@ -21,6 +24,8 @@ What one run measures, and how:
   ``time``; on CUDA, kernels need not be deterministic); a larger budget continues a finished
   run. A killed process loses at most the epoch in progress.
 * **several processes** (``torchrun ... --distributed``, :mod:`trlib.experiments.distributed`):
+  the :class:`Trainer` talks to the other processes only through its communicator
+  (:class:`SingleProcess`, or the data-parallel :class:`~trlib.experiments.distributed.Context`):
   every process takes its shard of each global mini-batch; the losses, gradients and
   Hessian-vector products are averaged across processes, evaluations are reduced, and only
   rank 0 writes results, checkpoints and the progress bar.
@@ -31,6 +36,8 @@ Example (a few seconds on a CPU):
 >>> log = run("mnist_mlp", "sgd", seed=0, budget="2epochs", data="stand-in", progress=False, verbose=False)
 >>> [round(r["epoch"], 2) for r in log], log[-1]["backprops"]   # 1,437 digits, batch 128: 12 steps/epoch
 ([0.0, 1.0, 2.0], 24)
+>>> log[-1]["data_passes"]   # every sample went through one gradient per epoch
+2.0
 >>> log[-1]["dataset"]
 'sklearn digits (offline stand-in for MNIST)'
 """
@@ -38,8 +45,8 @@ Example (a few seconds on a CPU):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
+import io
 import json
 import math
 import os
@@ -50,7 +57,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -58,18 +65,21 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..data import DatasetUnavailableError, dataset_info, load_dataset, stand_in
+from ..data import DatasetUnavailableError, dataset_info, load_dataset, load_stand_in, stand_in
 from ..models import build_model, get_task
 from ..optim import NonFiniteLossError, TrustRegion
 from .configs import FIRST_ORDER, get_config
+from .distributed import load_data_on_rank0_first
 from .results import write_run
+from .storage import atomic_write
 
-__all__ = ["Budget", "parse_budget", "run", "load_data", "run_id", "Objective", "evaluate"]
+__all__ = ["Budget", "parse_budget", "run", "load_data", "run_id", "Objective", "evaluate", "SingleProcess",
+           "Trainer", "TrainerState", "resolve_device"]
 
 _UNITS = {"backprops": "backprops", "backprop": "backprops", "bp": "backprops",
           "epochs": "epochs", "epoch": "epochs", "ep": "epochs",
           "s": "seconds", "sec": "seconds", "secs": "seconds", "seconds": "seconds", "second": "seconds"}
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,11 @@ class Budget:
     amount: float
     unit: str
 
+    def __post_init__(self):
+        if self.unit not in _UNITS.values() or not (math.isfinite(self.amount) and self.amount > 0):
+            raise ValueError(f"invalid budget {self.amount!r} {self.unit!r}: expected a positive finite amount of "
+                             "backprops, epochs or seconds")
+
     def __repr__(self) -> str:
         return f"Budget({self.amount!r}, {self.unit!r})"
 
@@ -92,13 +107,18 @@ class Budget:
 
 
 def parse_budget(budget: Union[str, Budget]) -> Budget:
-    """``"20epochs"``, ``"5000backprops"``, ``"300s"`` (also ``"2.5 epochs"``, ``"60sec"``) -> Budget."""
+    """``"20epochs"``, ``"5000backprops"``, ``"300s"`` (also ``"2.5 epochs"``, ``"60sec"``) -> Budget.
+
+    ValueError for anything else, including amounts that are not finite (``"1e400epochs"``)."""
     if isinstance(budget, Budget):
         return budget
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]+)\s*", str(budget).lower())
     if not m or m.group(2) not in _UNITS or not float(m.group(1)) > 0:
         raise ValueError(f"invalid budget {budget!r}: expected a positive number followed by a unit, "
                          "e.g. '20epochs', '5000backprops' or '300s'")
+    if not math.isfinite(float(m.group(1))):
+        raise ValueError(f"invalid budget {budget!r}: {m.group(1)} is too large to be a number of "
+                         f"{_UNITS[m.group(2)]} (it overflows to infinity)")
     return Budget(float(m.group(1)), _UNITS[m.group(2)])
 
 
@@ -122,18 +142,11 @@ def load_data(task: str, data: str = "auto", *, device="cpu", root=None, verbose
             if data == "real" or stand_in(name) == name:
                 raise
             why = str(err).splitlines()[0]
-    alt = stand_in(name)
-    splits = []
-    for train in (True, False):
-        ds = load_dataset(alt, root=root, train=train, device=device)
-        if alt != name:  # marked as load_dataset_or_stand_in does
-            ds = dataclasses.replace(ds, is_stand_in=True, stand_in_for=name, display_name=(
-                f"{ds.display_name} (offline stand-in for {dataset_info(name).display_name})"))
-        splits.append(ds)
-    if verbose and alt != name:
+    splits = tuple(load_stand_in(name, root=root, train=t, device=device) for t in (True, False))
+    if verbose and splits[0].is_stand_in:
         print(f"NOTE: {splits[0].display_name} is used, not {dataset_info(name).display_name}: {why}.",
               file=sys.stderr, flush=True)
-    return tuple(splits)
+    return splits
 
 
 # --- loss and evaluation -----------------------------------------------------------------
@@ -166,24 +179,68 @@ class Objective:
         return self.data_sum(out, target) / out.shape[0] + self.penalty()
 
 
+# --- communicators ----------------------------------------------------------------------
+
+class SingleProcess:
+    """The communicator of a run in one process: nothing to share, every reduction is the identity.
+
+    A communicator tells the runner how the processes of a run cooperate. It has ``rank``,
+    ``world_size``, ``is_main`` and ``trust_region_options`` (keywords of
+    :class:`trlib.TrustRegion`), and four operations:
+
+    * ``shard(idx)``: this process's part of the global mini-batch (or of an index range);
+    * ``mean(tensor)``: the average over processes, in place;
+    * ``agree(stop, seconds)``: one decision to stop and one clock for all processes;
+    * ``average_buffers(module)``: BatchNorm statistics averaged over processes.
+
+    :class:`trlib.experiments.distributed.Context` is the data-parallel communicator.
+    """
+
+    rank, world_size, is_main = 0, 1, True
+    trust_region_options: Dict[str, Any] = {}
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def agree(self, stop: bool, seconds: float):
+        return stop, seconds
+
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        pass
+
+    def barrier(self) -> None:
+        pass
+
+
 @torch.no_grad()
-def evaluate(model, objective: Objective, data, batch_size: int = 4096):
-    """(loss, accuracy) on the whole of ``data`` in eval mode; accuracy is None for autoencoders."""
+def evaluate(model, objective: Objective, data, batch_size: int = 4096, comm=None):
+    """(loss, accuracy) on the whole of ``data`` in eval mode; accuracy is None for autoencoders.
+
+    ``comm`` (a communicator; default one process): each process evaluates its slice of
+    ``data`` and the sums are combined, after averaging BatchNorm statistics."""
+    comm = SingleProcess() if comm is None else comm
+    comm.average_buffers(model)
+    piece = comm.shard(torch.arange(len(data)))
+    start, stop = (int(piece[0]), int(piece[-1]) + 1) if len(piece) else (0, 0)
+    sums = torch.zeros(2, dtype=torch.float64, device=data.x.device)  # data term, correct predictions
     was_training = model.training
     model.eval()
     try:
-        total = torch.zeros((), dtype=torch.float64, device=data.x.device)
-        correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
-        for start in range(0, len(data), batch_size):
-            x, y = data.x[start:start + batch_size], data.y[start:start + batch_size]
+        for lo in range(start, stop, batch_size):
+            x, y = data.x[lo:min(lo + batch_size, stop)], data.y[lo:min(lo + batch_size, stop)]
             out = model(x)
-            total += objective.data_sum(out, objective.target(x, y)).double()
+            sums[0] += objective.data_sum(out, objective.target(x, y)).double()
             if objective.classification:
-                correct += (out.argmax(1) == y).sum()
-        loss = float(total) / len(data) + float(objective.penalty())
-        return loss, (int(correct) / len(data) if objective.classification else None)
+                sums[1] += (out.argmax(1) == y).sum()
     finally:
         model.train(was_training)
+    if comm.world_size > 1:
+        sums = comm.mean(sums).mul_(comm.world_size)
+    loss = float(sums[0]) / len(data) + float(objective.penalty())
+    return loss, (round(float(sums[1])) / len(data) if objective.classification else None)
 
 
 # --- provenance -------------------------------------------------------------------------
@@ -225,14 +282,43 @@ def _first_order(name: str, params, lr: float) -> torch.optim.Optimizer:
     return getattr(torch.optim, FIRST_ORDER[name])(params, lr=lr)
 
 
-class _Trainer:
-    """The state of one run and the step that advances it. Everything needed to resume
-    lives in ``self.s`` (plain Python values and CPU tensors), the model, the optimizer
-    and the batch generator."""
+@dataclass
+class TrainerState:
+    """Where a run stands: everything needed to resume it besides the model, the optimizer and
+    the random generators. Plain values (and the epoch's data order), saved in checkpoints.
 
-    def __init__(self, cfg: Dict[str, Any], train, test, device: torch.device, seed: int):
+    ``samples``: samples drawn (epochs = samples / n); ``pass_samples``: samples sent through
+    gradient and Hessian-vector passes (data passes = pass_samples / n); ``position``: where the
+    next batch starts in ``order``; ``check_loss``: the full training loss at the last batch-size
+    check (TR); ``next_eval``: the sample count of the next evaluation."""
+
+    phase: str
+    batch_size: int
+    steps: int = 0
+    backprops: float = 0
+    samples: int = 0
+    pass_samples: float = 0
+    seconds: float = 0.0
+    epochs_done: int = 0
+    order: Optional[torch.Tensor] = None
+    position: int = 0
+    check_loss: Optional[float] = None
+    next_eval: int = 0
+    status: str = "running"
+    log: List[Dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Trainer:
+    """One run's model, optimizer, data order and :class:`TrainerState`, and the step that
+    advances them. ``comm`` is the communicator (:class:`SingleProcess` by default)."""
+
+    def __init__(self, cfg: Dict[str, Any], train, test, device: torch.device, seed: int, comm=None):
         self.cfg, self.train, self.test, self.device, self.seed = cfg, train, test, device, seed
-        torch.manual_seed(seed)  # the initial weights
+        self.comm = SingleProcess() if comm is None else comm
+        torch.manual_seed(seed)  # the initial weights: the same on every process
         self.model = build_model(cfg["task"], dataset=train).to(device)
         self.model.train()
         self.objective = Objective(get_task(cfg["task"]).loss, self.model, cfg["l2"])
@@ -240,53 +326,47 @@ class _Trainer:
         self.n = len(train)
         self.tr = cfg["kind"] == "tr"
         warm = self.tr and cfg["warmup_epochs"] > 0
-        self.s: Dict[str, Any] = dict(
-            phase="warmup" if warm else "main", steps=0, backprops=0, samples=0, seconds=0.0, epochs_done=0,
-            order=None, position=0, batch_size=min(cfg["warmup_batch_size"] if warm else cfg["batch_size"], self.n),
-            check_loss=None, next_eval=0, status="running", log=[])
+        self.state = TrainerState(phase="warmup" if warm else "main",
+                                  batch_size=min(cfg["warmup_batch_size"] if warm else cfg["batch_size"], self.n))
+        self.order = None  # state.order on the device
         self.opt = self._optimizer()
 
-    # the optimizer of the current phase
     def _optimizer(self):
+        """The optimizer of the current phase."""
         cfg, params = self.cfg, self.model.parameters()
-        if self.s["phase"] == "warmup":
+        if self.state.phase == "warmup":
             return _first_order(cfg["warmup_method"], params, cfg["warmup_lr"])
         if not self.tr:
             return _first_order(cfg["method"], params, cfg["lr"])
         return TrustRegion(params, norm=cfg["norm"], radius=cfg["radius"], max_radius=cfg["max_radius"],
                            eta1=cfg["eta1"], eta2=cfg["eta2"], increase=cfg["increase"], decrease=cfg["decrease"],
                            method=cfg["subproblem"], krylov_tol=cfg["krylov_tol"], max_krylov=cfg["max_krylov"],
-                           module=self.model, seed=self.seed, **self._tr_options())
+                           module=self.model, seed=self.seed, **self.comm.trust_region_options)
 
-    # hooks that trlib.experiments.distributed.DistributedTrainer overrides
-    def _tr_options(self) -> Dict[str, Any]:
-        """Extra keyword arguments of TrustRegion (data-parallel mode)."""
-        return {}
+    def closure(self, idx: torch.Tensor):
+        """The loss on this process's part of the global batch ``idx``: its data term divided by
+        ``len(idx) / world_size`` (plus the L2 term), so that the average over processes is the
+        mean over the whole batch, whatever the sizes of the parts."""
+        local = self.comm.shard(idx)
+        xb, yb = self.train.x[local], self.train.y[local]
+        target, objective = self.objective.target(xb, yb), self.objective
+        per_process = len(idx) / self.comm.world_size
+        return lambda: objective.data_sum(self.model(xb), target) / per_process + objective.penalty()
 
-    def _closure(self, idx):
-        """The mini-batch loss of the samples ``idx`` (this process's part of it)."""
-        xb, yb = self.train.x[idx], self.train.y[idx]
-        target = self.objective.target(xb, yb)
-        return lambda: self.objective(self.model(xb), target)
+    def evaluate(self, data):
+        return evaluate(self.model, self.objective, data, self.cfg["eval_batch_size"], self.comm)
 
-    def _reduce_gradients(self) -> None:
-        """After ``backward`` of a first-order step (data-parallel mode: the average over processes)."""
-
-    def _evaluate(self, data):
-        return evaluate(self.model, self.objective, data, self.cfg["eval_batch_size"])
-
-    def agree(self, stop: bool) -> bool:
-        """Whether to stop now (a Ctrl-C was seen); data-parallel mode: the same answer, and the
-        same training seconds, on every process."""
-        return stop
+    def full_training_loss(self) -> float:
+        """The loss on the whole training set (the TR batch schedule's check; forward only)."""
+        return self.evaluate(self.train)[0]
 
     def spent(self, unit: str) -> float:
-        s = self.s
-        return {"backprops": s["backprops"], "epochs": s["samples"] / self.n, "seconds": s["seconds"]}[unit]
+        s = self.state
+        return {"backprops": s.backprops, "epochs": s.samples / self.n, "seconds": s.seconds}[unit]
 
     def exhausted(self, budget: Budget) -> bool:
         if budget.unit == "epochs":  # exact integer arithmetic: 20 epochs are exactly 20 n samples
-            return self.s["samples"] >= math.ceil(budget.amount * self.n - 1e-9)
+            return self.state.samples >= math.ceil(budget.amount * self.n - 1e-9)
         return self.spent(budget.unit) >= budget.amount
 
     def _sync(self):
@@ -295,85 +375,96 @@ class _Trainer:
 
     def step(self) -> None:
         """One mini-batch step, and the end of the epoch if it completes one (timed)."""
-        s = self.s
+        s = self.state
         self._sync()
         t0 = time.perf_counter()
-        if self.tr and s["phase"] == "main" and s["check_loss"] is None:  # the batch schedule's baseline
-            s["check_loss"] = self._full_loss()
-        if s["order"] is None:
-            s["order"], s["position"] = torch.randperm(self.n, generator=self.gen), 0
-            self._order = s["order"].to(self.device)
-        elif not hasattr(self, "_order"):
-            self._order = s["order"].to(self.device)
-        idx = self._order[s["position"]:s["position"] + s["batch_size"]]
-        closure = self._closure(idx)
+        if self.tr and s.phase == "main" and s.check_loss is None:  # the batch schedule's baseline
+            s.check_loss = self.full_training_loss()
+        if s.order is None:
+            s.order, s.position = torch.randperm(self.n, generator=self.gen), 0
+            self.order = None
+        if self.order is None:
+            self.order = s.order.to(self.device)
+        idx = self.order[s.position:s.position + s.batch_size]
+        closure = self.closure(idx)
         if isinstance(self.opt, TrustRegion):
-            before = self.opt.backprops
+            before, counts = self.opt.backprops, self.opt.counts
             try:
                 self.opt.step(closure)
             except NonFiniteLossError:
-                s["status"] = "diverged"
-            s["backprops"] += self.opt.backprops - before
+                s.status = "diverged"
+            after = self.opt.counts
+            s.backprops += self.opt.backprops - before
+            # counts["hvp"] is in full-batch products: a product on part of the batch counts a part
+            s.pass_samples += len(idx) * (after["gradient"] - counts["gradient"] + after["hvp"] - counts["hvp"])
         else:
             self.opt.zero_grad(set_to_none=True)
             closure().backward()
-            self._reduce_gradients()
+            if self.comm.world_size > 1:
+                self._average_gradients()
             self.opt.step()
-            s["backprops"] += 1
-        s["steps"] += 1
-        s["samples"] += len(idx)
-        s["position"] += len(idx)
-        if s["position"] >= self.n:
+            s.backprops += 1
+            s.pass_samples += len(idx)
+        s.steps += 1
+        s.samples += len(idx)
+        s.position += len(idx)
+        if s.position >= self.n:
             self._end_epoch()
         self._sync()
-        s["seconds"] += time.perf_counter() - t0
+        s.seconds += time.perf_counter() - t0
 
-    def _full_loss(self) -> float:
-        return self._evaluate(self.train)[0]
+    def _average_gradients(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        self.comm.mean(flat)
+        for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = chunk.view_as(p)
 
     def _end_epoch(self) -> None:
-        s, cfg = self.s, self.cfg
-        s["epochs_done"] += 1
-        s["order"], s["position"] = None, 0
-        if s["phase"] == "warmup":
-            if s["epochs_done"] >= cfg["warmup_epochs"]:
-                s["phase"], s["batch_size"] = "main", min(cfg["batch_size"], self.n)
+        s, cfg = self.state, self.cfg
+        s.epochs_done += 1
+        s.order, s.position = None, 0
+        if s.phase == "warmup":
+            if s.epochs_done >= cfg["warmup_epochs"]:
+                s.phase, s.batch_size = "main", min(cfg["batch_size"], self.n)
                 self.opt = self._optimizer()
-        elif self.tr and (s["epochs_done"] - cfg["warmup_epochs"]) % cfg["check_every"] == 0:
-            loss = self._full_loss()
-            if not loss < s["check_loss"]:
-                cap = max(s["batch_size"], int(cfg["batch_cap"] * self.n))
-                s["batch_size"] = min(math.ceil(s["batch_size"] * cfg["batch_growth"]), cap, self.n)
-            s["check_loss"] = loss
+        elif self.tr and (s.epochs_done - cfg["warmup_epochs"]) % cfg["check_every"] == 0:
+            loss = self.full_training_loss()
+            if not loss < s.check_loss:
+                cap = max(s.batch_size, int(cfg["batch_cap"] * self.n))
+                s.batch_size = min(math.ceil(s.batch_size * cfg["batch_growth"]), cap, self.n)
+            s.check_loss = loss
 
     def record(self) -> Dict[str, Any]:
         """Evaluate (no work counted) and append a log record."""
-        s, cfg = self.s, self.cfg
-        train_loss, train_acc = self._evaluate(self.train)
-        test_loss, test_acc = self._evaluate(self.test)
+        s, cfg = self.state, self.cfg
+        train_loss, train_acc = self.evaluate(self.train)
+        test_loss, test_acc = self.evaluate(self.test)
         tr = isinstance(self.opt, TrustRegion)
         rec = dict(task=cfg["task"], method=cfg["method"], seed=self.seed, dataset=self.train.display_name,
-                   stand_in=self.train.is_stand_in, step=s["steps"], epoch=s["samples"] / self.n,
-                   backprops=s["backprops"], time=s["seconds"], train_loss=train_loss, train_acc=train_acc,
-                   test_loss=test_loss, test_acc=test_acc, phase=s["phase"], batch_size=s["batch_size"],
-                   radius=self.opt.radius if tr else None,
+                   stand_in=self.train.is_stand_in, step=s.steps, epoch=s.samples / self.n,
+                   backprops=s.backprops, data_passes=s.pass_samples / self.n, time=s.seconds,
+                   train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
+                   phase=s.phase, batch_size=s.batch_size, radius=self.opt.radius if tr else None,
                    lr=None if tr else self.opt.param_groups[0]["lr"])
-        s["log"].append(rec)
+        s.log.append(rec)
         if not math.isfinite(train_loss):
-            s["status"] = "diverged"
+            s.status = "diverged"
         interval = max(1, round(cfg["eval_every"] * self.n))
-        s["next_eval"] = (s["samples"] // interval + 1) * interval
+        s.next_eval = (s.samples // interval + 1) * interval
         return rec
 
     # checkpoints
     def state_dict(self) -> Dict[str, Any]:
+        self.comm.average_buffers(self.model)
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and self.device.type == "cuda" else []
-        return dict(version=_CHECKPOINT_VERSION, config=self.cfg, seed=self.seed, state=self.s,
+        return dict(version=_CHECKPOINT_VERSION, config=self.cfg, seed=self.seed, state=self.state.to_dict(),
                     model=self.model.state_dict(), optimizer=self.opt.state_dict(),
                     rng=dict(torch=torch.get_rng_state(), cuda=cuda, batches=self.gen.get_state()))
 
     def load_state_dict(self, ck: Dict[str, Any]) -> None:
-        self.s = ck["state"]
+        self.state = TrainerState(**ck["state"])
+        self.order = None
         self.model.load_state_dict(ck["model"])
         self.opt = self._optimizer()
         self.opt.load_state_dict(ck["optimizer"])
@@ -381,13 +472,6 @@ class _Trainer:
         if ck["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         self.gen.set_state(ck["rng"]["batches"])
-        self.__dict__.pop("_order", None)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -448,9 +532,9 @@ def _threads(n: Optional[int]):
 
 def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
         out: Union[str, os.PathLike, None] = None, data: str = "auto", device: Union[str, torch.device] = "cpu",
-        quick: bool = False, overrides: Optional[Dict[str, Any]] = None, progress: bool = True,
-        verbose: bool = True, fresh: bool = False, threads: Optional[int] = None, data_root=None,
-        datasets=None, on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
+        quick: bool = False, preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+        progress: bool = True, verbose: bool = True, fresh: bool = False, threads: Optional[int] = None,
+        data_root=None, datasets=None, on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
         distributed=None) -> List[Dict[str, Any]]:
     """Train ``method`` on ``task`` from seed ``seed`` until ``budget`` is spent; return the log.
 
@@ -462,50 +546,48 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
             An existing checkpoint of the same run is resumed (a finished run with an
             equal or smaller budget is returned as it is; a larger budget continues it).
         data: ``"auto"``, ``"real"`` or ``"stand-in"`` (see :func:`load_data`).
-        quick: tiny-budget mode for the book: the offline stand-in (unless ``data="real"``),
-            warm-ups capped at 1 epoch, evaluation every 1/4 epoch, 1 CPU thread.
+        device: a torch device, or ``"auto"`` (CUDA when present, else the CPU).
+        quick: tiny-budget mode for the book and the CLI demo: the offline stand-in (unless
+            ``data="real"``), 1 CPU thread, and quick mode's settings (evaluation every 1/4
+            epoch, warm-ups of at most 1 epoch, the TR methods' automatic first radius; see
+            :func:`get_config`).
+        preset: a name of :data:`trlib.experiments.configs.PRESETS` (e.g. ``"paper"``).
         overrides: settings replacing those of :func:`get_config` (e.g. ``{"lr": 3e-3}``).
         fresh: delete an existing checkpoint and results of this run first.
         threads: torch CPU threads during the run (None: unchanged). On small models and
             shared CPUs one thread is much faster than several.
         datasets: (train, test) already loaded by :func:`load_data` (saves reloading).
-        on_step: called after every step with ``{"steps", "backprops", "epoch", "seconds"}``
-            (progress reports; an exception raised there interrupts the run, and a
+        on_step: called after every step with ``{"steps", "backprops", "data_passes", "epoch",
+            "seconds"}`` (progress reports; an exception raised there interrupts the run, and a
             KeyboardInterrupt writes a checkpoint first).
-        distributed: a :class:`trlib.experiments.distributed.Context` (from
-            :func:`trlib.experiments.distributed.setup`, e.g. under ``torchrun``) to train
+        distributed: the communicator. None: one process (:class:`SingleProcess`). A
+            :class:`trlib.experiments.distributed.Context` (from
+            :func:`trlib.experiments.distributed.setup`, e.g. under ``torchrun``) trains
             data-parallel over its processes: every process calls :func:`run` with the same
             arguments (``device`` is ignored: each process uses ``distributed.device``),
             takes its shard of every global mini-batch of ``batch_size`` samples, and gets
             the same log back; only rank 0 writes ``out``, prints and shows progress. The
-            provenance records the world size. None: one process.
+            provenance records the world size.
 
     Returns the list of log records: ``task, method, seed, dataset`` (display name),
-    ``stand_in, step, epoch, backprops, time, train_loss, train_acc, test_loss, test_acc,
-    phase, batch_size, radius, lr``. ``train_acc``/``test_acc`` are None for autoencoders.
+    ``stand_in, step, epoch, backprops, data_passes, time, train_loss, train_acc, test_loss,
+    test_acc, phase, batch_size, radius, lr``. ``train_acc``/``test_acc`` are None for
+    autoencoders.
     """
     budget = parse_budget(budget)
-    main = distributed is None or distributed.rank == 0
+    comm = SingleProcess() if distributed is None else distributed
+    main = comm.is_main
     if distributed is not None:
         device = distributed.device
         progress, verbose = progress and main, verbose and main
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but CUDA is not available here")
-    overrides = dict(overrides or {})
+    device = resolve_device(device)
     if quick:
         data = "stand-in" if data == "auto" else data
         threads = 1 if threads is None else threads
-        overrides.setdefault("eval_every", 0.25)
-        base = get_config(task, method)
-        if base.get("warmup_epochs", 0) > 1:
-            overrides.setdefault("warmup_epochs", 1)
-    cfg = get_config(task, method, **overrides)
-    if not (isinstance(seed, int) and seed >= 0):
+    cfg = get_config(task, method, quick=quick, preset=preset, **dict(overrides or {}))
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
         raise ValueError(f"invalid seed {seed!r}: expected an int >= 0")
     if datasets is None and distributed is not None:  # rank 0 first: it may download, the others follow it
-        from .distributed import load_data_on_rank0_first
-
         datasets = load_data_on_rank0_first(
             distributed, lambda d, v: load_data(task, d, device=device, root=data_root, verbose=verbose and v), data)
     train, test = datasets if datasets is not None else load_data(task, data, device=device, root=data_root,
@@ -516,28 +598,22 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
     if out is not None:
         folder = Path(out)
         paths = folder / f"{rid}.jsonl", folder / "checkpoints" / f"{rid}.pt"
-        paths[1].parent.mkdir(parents=True, exist_ok=True)
-        if fresh and main:
-            for p in paths:
-                p.unlink(missing_ok=True)
-        if distributed is not None:
-            distributed.barrier()  # nobody looks for a checkpoint before rank 0 has removed it
+        if main:
+            paths[1].parent.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                for p in paths:
+                    p.unlink(missing_ok=True)
+        comm.barrier()  # nobody looks for a checkpoint before rank 0 has removed it
     with _threads(threads):
-        if distributed is None:
-            trainer = _Trainer(cfg, train, test, device, seed)
-        else:
-            from .distributed import DistributedTrainer
-
-            trainer = DistributedTrainer(cfg, train, test, device, seed, distributed)
-        world = 1 if distributed is None else distributed.world_size
+        trainer = Trainer(cfg, train, test, device, seed, comm)
         provenance = dict(task=task, method=method, seed=seed, config=cfg, budget=str(budget), status="running",
                           dataset=dict(name=train.name, display_name=train.display_name,
                                        is_stand_in=train.is_stand_in, stand_in_for=train.stand_in_for,
                                        n_train=len(train), n_test=len(test)),
                           device=_device_name(device), device_type=device.type, threads=torch.get_num_threads(),
                           torch=str(torch.__version__), trlib=__version__, python=platform.python_version(),
-                          git_commit=_git_commit(), started=_now(), sessions=[_now()], world_size=world,
-                          distributed_backend=None if distributed is None else distributed.backend)
+                          git_commit=_git_commit(), started=_now(), sessions=[_now()], world_size=comm.world_size,
+                          distributed_backend=getattr(comm, "backend", None))
         if paths and paths[1].exists():
             # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
             ck = torch.load(paths[1], map_location="cpu", weights_only=True)
@@ -547,16 +623,17 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
                                  f"{', '.join(diff) or 'checkpoint version'}); pass fresh=True (--fresh) to "
                                  "start over, or another output folder")
             ck_world = ck["provenance"].get("world_size", 1)
-            if ck_world != world:
+            if ck_world != comm.world_size:
                 raise ValueError(f"the checkpoint {paths[1]} was written by a run over {ck_world} process(es); "
-                                 f"resume it with {ck_world} (this run has {world}), or pass fresh=True (--fresh)")
+                                 f"resume it with {ck_world} (this run has {comm.world_size}), or pass fresh=True "
+                                 "(--fresh)")
             trainer.load_state_dict(ck)
-            if trainer.s["status"] == "complete":  # a larger budget continues it
-                trainer.s["status"] = "running"
+            if trainer.state.status == "complete":  # a larger budget continues it
+                trainer.state.status = "running"
             provenance.update(started=ck["provenance"]["started"],
                               sessions=ck["provenance"]["sessions"] + [_now()])
             if verbose:
-                print(f"resuming {rid} from {paths[1]} ({trainer.s['steps']} steps done)", file=sys.stderr)
+                print(f"resuming {rid} from {paths[1]} ({trainer.state.steps} steps done)", file=sys.stderr)
 
         def save(status):
             if not paths:
@@ -564,60 +641,73 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
             state = trainer.state_dict()  # on every process (data-parallel: averages BatchNorm statistics)
             if not main:
                 return
-            s = trainer.s
+            s = trainer.state
             provenance.update(status=status, finished=_now() if status != "running" else None,
-                              budget_spent=dict(backprops=s["backprops"], epochs=s["samples"] / trainer.n,
-                                                seconds=s["seconds"], steps=s["steps"]))
-            _atomic_save(dict(state, provenance=provenance), paths[1])
-            write_run(paths[0], provenance, s["log"])
+                              budget_spent=dict(backprops=s.backprops, data_passes=s.pass_samples / trainer.n,
+                                                epochs=s.samples / trainer.n, seconds=s.seconds, steps=s.steps))
+            buffer = io.BytesIO()
+            torch.save(dict(state, provenance=provenance), buffer)
+            atomic_write(paths[1], buffer.getvalue())
+            write_run(paths[0], provenance, s.log)
 
         return _loop(trainer, budget, save, progress, on_step, rid, distributed is not None)
 
 
-def _loop(trainer: _Trainer, budget: Budget, save, progress: bool, on_step, rid: str, distributed: bool = False):
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``"auto"``: CUDA when present, else the CPU; anything else as ``torch.device`` reads it.
+    ValueError for CUDA where there is none."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but CUDA is not available here")
+    return device
+
+
+def _loop(trainer: Trainer, budget: Budget, save, progress: bool, on_step, rid: str, distributed: bool = False):
     if progress:  # tqdm.auto looks for Jupyter widgets: only worth its import when a bar is shown
         from tqdm.auto import tqdm
     else:
         from tqdm import tqdm
 
-    s = trainer.s
+    s = trainer.state
     bar = tqdm(total=budget.amount, initial=min(trainer.spent(budget.unit), budget.amount), unit=budget.unit,
                desc=rid, disable=not progress, leave=False, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} {unit} [{elapsed}<{remaining}{postfix}]")
     consistent = True
     try:
         with _deferred_sigint(distributed) as sigint:
-            if not s["log"]:
+            if not s.log:
                 trainer.record()
-            while s["status"] == "running":
-                stop = trainer.agree(sigint["set"])  # data-parallel: the same decision on every process
+            while s.status == "running":
+                stop, s.seconds = trainer.comm.agree(sigint["set"], s.seconds)  # the same on every process
                 if trainer.exhausted(budget):
                     break
                 if stop:
                     raise KeyboardInterrupt
                 before = trainer.spent(budget.unit)
                 consistent = False
-                epochs_before = s["epochs_done"]
+                epochs_before = s.epochs_done
                 trainer.step()
                 consistent = True
-                if s["samples"] >= s["next_eval"]:
+                if s.samples >= s.next_eval:
                     rec = trainer.record()
                     bar.set_postfix(loss=f"{rec['train_loss']:.4g}", refresh=False)
-                if s["epochs_done"] > epochs_before:
+                if s.epochs_done > epochs_before:
                     save("running")
                 bar.update(min(trainer.spent(budget.unit), budget.amount) - min(before, budget.amount))
                 if on_step is not None:
-                    on_step(dict(steps=s["steps"], backprops=s["backprops"], epoch=s["samples"] / trainer.n,
-                                 seconds=s["seconds"]))
-            if s["log"][-1]["step"] != s["steps"]:
+                    on_step(dict(steps=s.steps, backprops=s.backprops, data_passes=s.pass_samples / trainer.n,
+                                 epoch=s.samples / trainer.n, seconds=s.seconds))
+            if s.log[-1]["step"] != s.steps:
                 trainer.record()
-            if s["status"] == "running":
-                s["status"] = "complete"
-            save(s["status"])
+            if s.status == "running":
+                s.status = "complete"
+            save(s.status)
     except KeyboardInterrupt:
         if consistent:
             save("interrupted")
         raise
     finally:
         bar.close()
-    return [dict(r) for r in s["log"]]
+    return [dict(r) for r in s.log]

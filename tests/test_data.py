@@ -1,11 +1,17 @@
-"""trlib.data: the real torchvision loading code on small files fabricated in the real
-on-disk formats, the offline stand-ins, and mini-batching."""
+"""trlib.data: the IDX reader and the torchvision loading code on small files fabricated in the
+real on-disk formats, where copies are found, the real Fashion-MNIST where it is installed, the
+offline stand-ins, and mini-batching."""
 
+import gzip
+import os
 import pickle
 import random
 import struct
+from pathlib import Path
 import urllib.error
 import urllib.request
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -25,19 +31,51 @@ def write_idx(path, array):
     path.write_bytes(header + array.tobytes())
 
 
-def fabricate_mnist(root, folder, n_train=12, n_test=7, seed=0):
+def write_idx_gz(path, array):
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def fabricate_idx_copy(folder, n_train=12, n_test=7, seed=0, compress=False):
+    """The four files of an MNIST-format dataset in `folder`, as published (.gz) or gunzipped."""
     rng = np.random.default_rng(seed)
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for split, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         images[0, 0, 0], images[0, 0, 1] = 0, 255  # both ends of the range present
         labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        for stem, array in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
+            if compress:
+                write_idx_gz(folder / f"{stem}.gz", array)
+            else:
+                write_idx(folder / stem, array)
         out[split] = (images, labels)
     return out
+
+
+def fabricate_mnist(root, folder, n_train=12, n_test=7, seed=0, compress=False):
+    """A copy in torchvision's layout, <root>/<folder>/raw/."""
+    return fabricate_idx_copy(root / folder / "raw", n_train, n_test, seed, compress)
+
+
+@pytest.fixture(autouse=True)
+def no_data_outside_the_test(request, monkeypatch, tmp_path_factory):
+    """No test sees this machine's copies ($TRLIB_DATA, ~/.cache, /usr/share/datasets) unless
+    it asks for them with the `installed_data` marker: HOME is an empty folder and the
+    system-wide folders are hidden."""
+    if request.node.get_closest_marker("installed_data"):
+        return
+    monkeypatch.delenv("TRLIB_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+    for key, spec in list(data._DATASETS.items()):
+        monkeypatch.setitem(data._DATASETS, key, dataclasses.replace(spec, system_dirs=()))
+
+
+def expected_x(images):
+    return torch.from_numpy(images.astype(np.float32) / np.float32(255.0)).unsqueeze(1)
 
 
 def fabricate_cifar10(root, per_batch=3, n_test=4, seed=0):
@@ -193,6 +231,149 @@ def test_default_root_honours_env(monkeypatch, tmp_path):
         load_dataset("mnist", download=False)
     monkeypatch.delenv("TRLIB_DATA")
     assert data.default_root().parts[-3:] == (".cache", "trlib", "data")
+
+
+# --- IDX files and where copies are found ---------------------------------------------------
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_idx_copy_loads_exact_values_gzip_or_not(tmp_path, offline, name, folder, compress):
+    truth = fabricate_mnist(tmp_path, folder, compress=compress, seed=3)
+    for train, split in ((True, "train"), (False, "t10k")):
+        images, labels = truth[split]
+        ds = load_dataset(name, root=tmp_path, train=train)
+        assert torch.equal(ds.x, expected_x(images)) and ds.y.tolist() == labels.tolist()
+        assert ds.source == str(tmp_path / folder / "raw")
+    assert offline == []  # a local copy is never checked against the network
+
+
+def test_read_idx_reads_any_element_type_and_detects_gzip_by_content(tmp_path):
+    values = np.arange(-6, 6, dtype=">i4").reshape(3, 4)
+    header = struct.pack(">BBBB", 0, 0, 0x0C, 2) + struct.pack(">2I", 3, 4)
+    (tmp_path / "a").write_bytes(header + values.tobytes())
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a"), values)
+    with gzip.open(tmp_path / "b.idx", "wb") as f:  # compressed, without a .gz name
+        f.write(header + values.tobytes())
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "b.idx"), values)
+
+
+def damaged(tmp_path, kind):
+    folder = tmp_path / "FashionMNIST" / "raw"
+    fabricate_idx_copy(folder, compress=True)
+    path = folder / "train-images-idx3-ubyte.gz"
+    images = np.zeros((12, 28, 28), np.uint8)
+    if kind == "truncated gzip":
+        path.write_bytes(path.read_bytes()[:-30])
+    elif kind == "not idx":
+        with gzip.open(path, "wb") as f:
+            f.write(b"<html>404</html>" * 10)
+    elif kind == "short data":
+        header = struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 12, 28, 28)
+        with gzip.open(path, "wb") as f:
+            f.write(header + images.tobytes()[:-1])
+    elif kind == "wrong shape":
+        write_idx_gz(path, np.zeros((12, 8, 8), np.uint8))
+    elif kind == "label count":
+        write_idx_gz(path, np.zeros((11, 28, 28), np.uint8))
+    elif kind == "label range":
+        write_idx_gz(folder / "train-labels-idx1-ubyte.gz", np.full(12, 10, np.uint8))
+        return folder / "train-labels-idx1-ubyte.gz"
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated gzip", "not a readable gzip file"), ("not idx", "not an IDX file"),
+    ("short data", "truncated or damaged"), ("wrong shape", "expected uint8 images of shape"),
+    ("label count", "labels"), ("label range", "outside 0..9")])
+def test_damaged_local_copy_is_a_clear_error_naming_the_file(tmp_path, offline, kind, message):
+    path = damaged(tmp_path, kind)
+    with pytest.raises(ValueError, match=message) as info:
+        load_dataset("fashion_mnist", root=tmp_path)
+    assert str(path.parent) in str(info.value) and offline == []
+
+
+def test_copies_are_searched_in_order(tmp_path, monkeypatch):
+    system = tmp_path / "usr" / "share" / "datasets" / "fashion-mnist"
+    spec = data._DATASETS["fashion_mnist"]
+    monkeypatch.setitem(data._DATASETS, "fashion_mnist", dataclasses.replace(spec, system_dirs=(str(system),)))
+    env, home = tmp_path / "env", tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TRLIB_DATA", str(env))
+    copies = {
+        "env": fabricate_mnist(env, "FashionMNIST", seed=1, compress=True),
+        "cache": fabricate_mnist(home / ".cache" / "trlib" / "data", "FashionMNIST", seed=2),
+        "system": fabricate_idx_copy(system, seed=4, compress=True),  # the flat layout of the package
+    }
+    places = {"env": env / "FashionMNIST" / "raw", "cache": home / ".cache" / "trlib" / "data" / "FashionMNIST" / "raw",
+              "system": system}
+    assert data.search_path("fashion_mnist") == [places["env"], places["cache"], places["system"]]
+    assert data.search_path("mnist") == [env / "MNIST" / "raw", places["cache"].parent.parent / "MNIST" / "raw"]
+
+    def loaded():
+        ds = load_dataset("fashion_mnist", download=False)
+        which = [k for k, (images, _) in ((k, c["train"]) for k, c in copies.items())
+                 if images.shape[0] == len(ds) and torch.equal(ds.x, expected_x(images))]
+        assert len(which) == 1 and ds.source == str(places[which[0]])
+        return which[0]
+
+    assert loaded() == "env"
+    monkeypatch.delenv("TRLIB_DATA")
+    assert loaded() == "cache"
+    for f in places["cache"].iterdir():  # an incomplete copy is skipped
+        if f.name.startswith("t10k-labels"):
+            f.unlink()
+    assert loaded() == "system"
+    # an explicit root comes first, then the system-wide copy
+    fabricate_mnist(tmp_path / "mine", "FashionMNIST", seed=5)
+    assert load_dataset("fashion_mnist", root=tmp_path / "mine").source == str(tmp_path / "mine" / "FashionMNIST" / "raw")
+    assert load_dataset("fashion_mnist", root=tmp_path / "empty").source == str(system)
+
+
+def test_missing_message_lists_every_folder_searched_and_the_package(tmp_path, monkeypatch):
+    spec = data._DATASETS["fashion_mnist"]
+    monkeypatch.setitem(data._DATASETS, "fashion_mnist",
+                        dataclasses.replace(spec, system_dirs=(str(tmp_path / "system"),)))
+    monkeypatch.setenv("TRLIB_DATA", str(tmp_path / "env"))
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset("fashion_mnist", download=False)
+    msg = str(info.value)
+    for folder in data.search_path("fashion_mnist"):
+        assert str(folder) in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "train-images-idx3-ubyte.gz" in msg
+
+
+def test_runner_with_data_auto_records_the_real_dataset(tmp_path, monkeypatch, offline):
+    from trlib.experiments import run
+
+    monkeypatch.setenv("TRLIB_DATA", str(tmp_path))
+    fabricate_mnist(tmp_path, "FashionMNIST", n_train=40, n_test=10, compress=True)
+    log = run("fashion_mnist_mlp", "sgd", 0, "2backprops", data="auto", progress=False, verbose=False)
+    assert log and all(r["stand_in"] is False and r["dataset"] == "Fashion-MNIST" for r in log)
+    assert offline == []
+
+
+REAL = Path("/usr/share/datasets/fashion-mnist")
+REAL_FILES = [REAL / f"{stem}.gz" for stem in data.dataset_info("fashion_mnist").files]
+
+
+@pytest.mark.installed_data
+@pytest.mark.skipif(not all(f.is_file() for f in REAL_FILES),
+                    reason="the real Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_is_found_without_configuration(monkeypatch, tmp_path, offline):
+    from trlib.experiments import run
+
+    monkeypatch.delenv("TRLIB_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cache: the system-wide copy is the one found
+    train, test = load_dataset("fashion_mnist"), load_dataset("fashion_mnist", train=False)
+    assert (len(train), len(test)) == (60000, 10000) and train.source == test.source == str(REAL)
+    assert train.x.shape == (60000, 1, 28, 28) and not train.is_stand_in
+    # the published facts: 6,000 training and 1,000 test images per class, pixel mean 0.2860
+    assert torch.bincount(train.y).tolist() == [6000] * 10 and torch.bincount(test.y).tolist() == [1000] * 10
+    assert train.x.min().item() == 0.0 and train.x.max().item() == 1.0
+    assert abs(train.x.mean().item() - 0.2860) < 5e-4
+    log = run("fashion_mnist_mlp", "sgd", 0, "1backprops", data="auto", progress=False, verbose=False)
+    assert log[0]["stand_in"] is False and log[0]["dataset"] == "Fashion-MNIST"
+    assert offline == []
 
 
 # --- stand-ins -------------------------------------------------------------------------------

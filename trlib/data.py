@@ -11,6 +11,15 @@ Where those cannot be downloaded, two small datasets that need no network stand 
 A stand-in keeps its own name: ``Dataset.name`` is ``"digits"``, never ``"mnist"``, and
 ``Dataset.display_name`` says what it stands in for, so no result can be mislabelled.
 
+Where the data are found, without configuration (:func:`search_path`): MNIST and
+Fashion-MNIST are read from the first complete copy of their four IDX files, gzip-compressed
+or not, in torchvision's layout (``<root>/FashionMNIST/raw/``) below ``$TRLIB_DATA``, then
+below the cache ``~/.cache/trlib/data``, then in the system-wide copy of a distribution package
+(Debian's and Ubuntu's ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist``).
+The files are read directly (:func:`read_idx`): no checksum is asked of a local copy, and
+nothing is downloaded when one exists. Only when there is none, torchvision downloads the
+dataset into ``$TRLIB_DATA`` or the cache. ``Dataset.source`` says which copy was read.
+
 Preprocessing: every input is scaled to [0, 1]. CIFAR-10 is then standardised per channel
 with the usual training-set mean and std (``normalize=True`` by default); the other datasets
 stay in [0, 1] by default (``normalize=False``) because the paper's autoencoders have sigmoid
@@ -30,9 +39,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import logging
 import os
 import random
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -52,6 +64,8 @@ __all__ = [
     "load_dataset",
     "load_dataset_or_stand_in",
     "load_stand_in",
+    "read_idx",
+    "search_path",
     "stand_in",
 ]
 
@@ -74,6 +88,8 @@ class DatasetInfo:
     torchvision_class: Optional[str] = None
     folder: Optional[str] = None    # where torchvision looks, relative to root
     files: tuple = ()               # what a user must put in `folder` to load offline
+    system_dirs: tuple = ()         # read-only copies installed by a distribution package
+    package: Optional[str] = None   # the Debian/Ubuntu package that installs them
 
 
 _DATASETS = {
@@ -87,6 +103,7 @@ _DATASETS = {
         "FashionMNIST/raw",
         ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        ("/usr/share/datasets/fashion-mnist",), "dataset-fashion-mnist",
     ),
     "cifar10": DatasetInfo(
         # True per-pixel std of the training set (not the often-copied 0.2023/0.1994/0.2010).
@@ -118,7 +135,8 @@ class Dataset:
 
     ``x`` is float32 of shape ``(len, *input_shape)``, ``y`` int64 class labels.
     ``name`` is the dataset actually loaded (``"digits"`` even when it stands in for
-    MNIST); ``display_name`` is what plots and tables should print.
+    MNIST); ``display_name`` is what plots and tables should print; ``source`` is the folder
+    the files were read from (None for data generated or shipped with a package).
     """
 
     x: torch.Tensor = field(repr=False)
@@ -130,6 +148,7 @@ class Dataset:
     train: bool = True
     is_stand_in: bool = False
     stand_in_for: Optional[str] = None
+    source: Optional[str] = None  # the folder the files were read from (None: generated or shipped)
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -150,8 +169,35 @@ class Dataset:
 
 
 def default_root() -> Path:
-    """``$TRLIB_DATA`` if set, else ``~/.cache/trlib/data``."""
-    return Path(os.environ.get("TRLIB_DATA") or Path.home() / ".cache" / "trlib" / "data").expanduser()
+    """Where downloads and caches go: ``$TRLIB_DATA`` if set, else ``~/.cache/trlib/data``."""
+    return Path(os.environ.get("TRLIB_DATA") or _cache_root()).expanduser()
+
+
+def _cache_root() -> Path:
+    return Path.home() / ".cache" / "trlib" / "data"
+
+
+def search_path(name: str, root: Union[str, os.PathLike, None] = None) -> list:
+    """The folders searched for a local copy of ``name``'s files, in order.
+
+    Without ``root``: torchvision's layout below ``$TRLIB_DATA`` (when set) and below the cache
+    ``~/.cache/trlib/data``, then the system-wide copies of a distribution package. With
+    ``root``: torchvision's layout below ``root``, then the system-wide copies. Datasets
+    without files (``digits``, ``mnist1d``) have an empty search path.
+
+    >>> [str(p) for p in search_path("fashion_mnist", root="/data")]
+    ['/data/FashionMNIST/raw', '/usr/share/datasets/fashion-mnist']
+    """
+    spec = _DATASETS[_canonical(name)]
+    if spec.folder is None:
+        return []
+    if root is not None:
+        roots = [Path(root).expanduser()]
+    else:
+        roots = [Path(os.environ["TRLIB_DATA"]).expanduser()] if os.environ.get("TRLIB_DATA") else []
+        roots.append(_cache_root())
+    folders = [r / spec.folder for r in roots] + [Path(d) for d in spec.system_dirs]
+    return list(dict.fromkeys(folders))  # without repeats, in order
 
 
 def _canonical(name: str) -> str:
@@ -198,14 +244,17 @@ def load_dataset(
     Args:
         name: one of :data:`DATASETS` (``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``,
             ``"digits"``, ``"mnist1d"``).
-        root: cache directory (default :func:`default_root`). torchvision's layout is used
+        root: data directory (default :func:`default_root`). torchvision's layout is used
             below it (``<root>/MNIST/raw/``, ``<root>/cifar-10-batches-py/``); MNIST-1D is
-            cached in ``<root>/mnist1d/``.
+            cached in ``<root>/mnist1d/``. MNIST and Fashion-MNIST are read from the first
+            complete copy on :func:`search_path` (without ``root``: ``$TRLIB_DATA``, the cache,
+            then a system-wide copy such as Debian's ``/usr/share/datasets/fashion-mnist``).
         train: the training split if True, else the test split. ``digits`` has no official
             split: a fixed stratified 80/20 split (seed 0) is used.
         device: where to put the tensors (default: CPU).
         download: ``False`` never touches the network; ``None`` or ``True`` download a
-            missing torchvision dataset (the files are used as they are when present).
+            missing torchvision dataset into ``root`` (a local copy is always used as it is,
+            without a checksum and without a download attempt).
         flatten: reshape inputs to ``(len, prod(input_shape))``.
         normalize: standardise per channel after scaling to [0, 1]. Default: True for
             CIFAR-10, False otherwise (see the module docstring for why). MNIST,
@@ -213,8 +262,10 @@ def load_dataset(
             MNIST-1D use statistics of their own training split.
 
     Raises:
-        DatasetUnavailableError: the dataset is missing and could not be downloaded.
-        ValueError: unknown name.
+        DatasetUnavailableError: the dataset is missing and could not be downloaded; the
+            message lists the folders searched and how to get the files.
+        ValueError: unknown name, or a local file that is not a valid IDX file of the
+            dataset (the message names the file).
 
     >>> test = load_dataset("digits", train=False, flatten=True)
     >>> tuple(test.x.shape), test.x.min().item(), test.x.max().item()
@@ -222,8 +273,13 @@ def load_dataset(
     """
     key = _canonical(name)
     spec = _DATASETS[key]
-    root = Path(root).expanduser() if root is not None else default_root()
-    x, y = _load_raw(key, root, train, download)
+    if key in _IDX_DATASETS:
+        x, y, source = _load_idx_dataset(key, root, train, download)
+        root = Path(root).expanduser() if root is not None else default_root()
+    else:
+        root = Path(root).expanduser() if root is not None else default_root()
+        x, y = _load_raw(key, root, train, download)
+        source = str(root / spec.folder) if spec.folder else None
     if spec.normalize if normalize is None else normalize:
         mean, std = spec.mean_std or _train_stats(key, root)
         shape = (1, -1) + (1,) * (x.dim() - 2) if len(mean) > 1 else ()
@@ -232,7 +288,7 @@ def load_dataset(
     if flatten:
         x = x.reshape(len(x), -1)
         input_shape = (x.shape[1],)
-    ds = Dataset(x.contiguous(), y, key, spec.display_name, spec.num_classes, input_shape, train)
+    ds = Dataset(x.contiguous(), y, key, spec.display_name, spec.num_classes, input_shape, train, source=source)
     return ds.to(device) if device is not None else ds
 
 
@@ -337,8 +393,97 @@ def _load_raw(key: str, root: Path, train: bool, download: Optional[bool]):
     return _load_torchvision(key, root, train, download)
 
 
-def _load_torchvision(key, root, train, download):
+# --- IDX files (MNIST, Fashion-MNIST) ---
+
+_IDX_DATASETS = ("mnist", "fashion_mnist")
+# IDX element types: the third byte of the magic number (LeCun et al., the MNIST database page).
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
+    """The array stored in an IDX file (the format of MNIST and Fashion-MNIST), gzip-compressed
+    or not (recognised by its first bytes, not by its name).
+
+    An IDX file is a magic number ``0x00 0x00 t n`` (``t`` the element type, ``0x08`` for
+    unsigned bytes; ``n`` the number of dimensions), then ``n`` big-endian 32-bit sizes, then
+    the elements in row-major order (LeCun, Cortes and Burges, *The MNIST database*).
+
+    Raises:
+        ValueError: the file is not a complete IDX file (the message names it).
+
+    >>> import gzip, struct, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte.gz")
+    >>> with gzip.open(path, "wb") as f:
+    ...     _ = f.write(struct.pack(">BBBBI", 0, 0, 0x08, 1, 3) + bytes([7, 2, 1]))
+    >>> read_idx(path)
+    array([7, 2, 1], dtype=uint8)
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # a truncated or damaged gzip stream
+        raise ValueError(f"{path} is not a readable gzip file ({err}); delete it or replace it") from err
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (its first bytes are {data[:4].hex() or 'missing'}, "
+                         "expected 0000 followed by a type code and the number of dimensions)")
+    ndim, start = data[3], 4 + 4 * data[3]
+    if len(data) < start:
+        raise ValueError(f"{path} is truncated inside its header")
+    shape = struct.unpack(f">{ndim}I", data[4:start])
+    dtype = np.dtype(_IDX_TYPES[data[2]])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - start != expected:
+        raise ValueError(f"{path} holds {len(data) - start} bytes of data where its header "
+                         f"{tuple(shape)} promises {expected}: the file is truncated or damaged")
+    return np.frombuffer(data, dtype=dtype, offset=start).reshape(shape)
+
+
+def _idx_file(folder: Path, stem: str) -> Optional[Path]:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):  # the uncompressed file reads faster
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _find_idx_copy(key: str, root) -> Optional[Path]:
+    for folder in search_path(key, root):
+        if all(_idx_file(folder, stem) is not None for stem in _DATASETS[key].files):
+            return folder
+    return None
+
+
+def _load_idx_dataset(key: str, root, train: bool, download: Optional[bool]):
     spec = _DATASETS[key]
+    folder = _find_idx_copy(key, root)
+    if folder is None:
+        target = Path(root).expanduser() if root is not None else default_root()
+        if download is False:
+            raise DatasetUnavailableError(_missing_message(key, root, "download=False"))
+        _load_torchvision(key, target, train, True, searched=root)  # downloads into target, or raises
+        folder = target / spec.folder
+    split = "train" if train else "t10k"
+    images_path = _idx_file(folder, f"{split}-images-idx3-ubyte")
+    labels_path = _idx_file(folder, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != spec.input_shape[1:]:
+        raise ValueError(f"{images_path} holds {images.dtype} images of shape {images.shape[1:]}, "
+                         f"expected uint8 images of shape {spec.input_shape[1:]} for {spec.display_name}")
+    if labels.dtype != np.uint8 or labels.shape != images.shape[:1]:
+        raise ValueError(f"{labels_path} holds {labels.dtype} labels of shape {labels.shape}, expected "
+                         f"{len(images)} uint8 labels to match {images_path.name}")
+    if len(labels) and labels.max() >= spec.num_classes:
+        raise ValueError(f"{labels_path} has a label {labels.max()}, outside 0..{spec.num_classes - 1}")
+    x = torch.from_numpy(images.astype(np.float32)).div_(255.0).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return x, y, str(folder)
+
+
+def _load_torchvision(key, root, train, download, searched=None):
+    spec = _DATASETS[key]
+    searched = root if searched is None else searched
     try:
         import torchvision.datasets as tvd
     except ImportError as err:  # an optional dependency of trlib
@@ -349,7 +494,7 @@ def _load_torchvision(key, root, train, download):
         tv = cls(str(root), train=train, download=False)
     except RuntimeError as missing:
         if download is False:
-            raise DatasetUnavailableError(_missing_message(key, root, "download=False")) from missing
+            raise DatasetUnavailableError(_missing_message(key, searched, "download=False")) from missing
         try:
             tv = cls(str(root), train=train, download=True)
         except Exception as failed:  # URLError, HTTP errors, md5 mismatch: all mean "can't get it"
@@ -357,7 +502,7 @@ def _load_torchvision(key, root, train, download):
             lines = [ln.strip() for ln in str(failed).splitlines() if ln.strip()] or [""]
             detail = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
             why = f"the download failed ({type(failed).__name__}: {detail[:300]})"
-            raise DatasetUnavailableError(_missing_message(key, root, why)) from failed
+            raise DatasetUnavailableError(_missing_message(key, searched, why)) from failed
     # Whole arrays at once: per-item PIL transforms would take minutes for 60k images.
     data = torch.as_tensor(np.asarray(tv.data))
     if data.dim() == 4:  # CIFAR arrays are NHWC
@@ -369,20 +514,25 @@ def _load_torchvision(key, root, train, download):
     return x, y
 
 
-def _missing_message(key: str, root: Path, why: str) -> str:
+def _missing_message(key: str, root, why: str) -> str:
     spec = _DATASETS[key]
-    where = root / spec.folder
-    if key == "cifar10":
-        how = (f"put the extracted folder cifar-10-batches-py/ (from cifar-10-python.tar.gz) in {root}/, "
-               f"or put cifar-10-python.tar.gz itself in {root}/ and call with download=True")
+    target = Path(root).expanduser() if root is not None else default_root()
+    if key in _IDX_DATASETS:
+        places = [str(p) for p in search_path(key, root)]
+        where = places[0] if len(places) == 1 else f"{', '.join(places[:-1])} or {places[-1]}"
+        how = (f"put the four files {', '.join(f + '.gz' for f in spec.files)} (gzip-compressed or not, "
+               f"from the dataset's official site) into {target / spec.folder}/")
+        if spec.package:
+            how = f"install the package {spec.package} (Debian, Ubuntu: apt-get install {spec.package}), or {how}"
     else:
-        how = (f"copy the uncompressed IDX files {', '.join(spec.files)} into {where}/ "
-               f"(gunzip the .gz files from the official site)")
+        where = str(target / spec.folder)
+        how = (f"put the extracted folder cifar-10-batches-py/ (from cifar-10-python.tar.gz) in {target}/, "
+               f"or put cifar-10-python.tar.gz itself in {target}/ and call with download=True")
     alts = " or ".join(f"load_dataset({s!r})" for s in STAND_INS[key])
     return (
         f"{spec.display_name} ({key!r}) is not available: there is no complete copy in {where} and {why}.\n"
-        f"To get it: run load_dataset({key!r}, root={str(root)!r}, download=True) once on a machine "
-        f"with internet access, or {how}. The root defaults to $TRLIB_DATA or ~/.cache/trlib/data.\n"
+        f"To get it: {how}; or run load_dataset({key!r}, root={str(target)!r}, download=True) once on a machine "
+        f"with internet access. The root defaults to $TRLIB_DATA or ~/.cache/trlib/data.\n"
         f"Offline stand-ins: {alts}, or load_dataset_or_stand_in({key!r})."
     )
 

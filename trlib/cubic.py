@@ -1,0 +1,307 @@
+r"""The cubic-regularisation (ARC) subproblem in an ellipsoidal norm, solved by Lanczos or densely.
+
+.. math::
+    \min_{s \in \mathbb R^d}\; m(s) = g^\top s + \tfrac12 s^\top H s + \tfrac{\sigma}{3} \|s\|_A^3,
+    \qquad \|s\|_A = \sqrt{\textstyle\sum_i a_i s_i^2}
+
+(Cartis, Gould & Toint 2011; the paper's footnote 5 carries its ellipsoids over to this model).
+Instead of a radius, the weight :math:`\sigma > 0` keeps the step where the model is trusted.
+As for the trust region (:mod:`trlib.subproblem`), the change of variables :math:`u = A^{1/2} s`
+gives :math:`\tilde g = A^{-1/2} g`, :math:`\tilde H = A^{-1/2} H A^{-1/2}` and the Euclidean
+norm. :math:`s^*` is a global minimiser iff, with :math:`\lambda = \sigma \|s^*\|_A`
+(Cartis, Gould & Toint 2011, Theorem 3.1),
+
+.. math:: (H + \lambda A)\, s^* = -g, \qquad H + \lambda A \succeq 0 .
+
+In an eigenbasis :math:`\tilde H = V \operatorname{diag}(\theta) V^\top`, :math:`c = V^\top \tilde g`,
+the step has coordinates :math:`x_i(\lambda) = -c_i/(\theta_i + \lambda)`, and :math:`\lambda`
+is the root of the secular equation :math:`\|x(\lambda)\| = \lambda/\sigma` on
+:math:`\lambda > \max(0, -\theta_1)`: the left side decreases, the right increases, so the
+root is unique. When :math:`c` vanishes on the leftmost eigenspace and
+:math:`\|x(-\theta_1)\| \le -\theta_1/\sigma` there is no such root (the *hard case*):
+:math:`\lambda = -\theta_1` and a leftmost eigenvector fills the step up to
+:math:`\|x\| = \lambda/\sigma`.
+
+Methods of :func:`solve_cubic`:
+
+``"lanczos"`` the model restricted to the Lanczos space of :math:`\tilde g`, solved exactly
+              through the eigendecomposition of the tridiagonal :math:`T_k`; stops on the
+              model's gradient (below); restarts when the Krylov space becomes invariant, which
+              finds the hard case;
+``"exact"``   the dense eigendecomposition, for small problems and as a reference.
+
+Example: a saddle, where the Newton step would go uphill.
+
+>>> import torch
+>>> H = torch.tensor([[1.0, 0.0], [0.0, -2.0]], dtype=torch.float64)
+>>> g = torch.tensor([1.0, 1.0], dtype=torch.float64)
+>>> r = solve_cubic(g, H, sigma=1.0)
+>>> [round(x, 6) for x in r.step.tolist()], round(r.multiplier, 6)
+([-0.292669, -2.399046], 2.416832)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .lanczos import Lanczos
+
+__all__ = ["CubicResult", "solve_cubic", "cubic_model", "CUBIC_METHODS"]
+
+Operator = Callable[[Tensor], Tensor]
+CUBIC_METHODS = ("lanczos", "exact")
+
+
+@dataclass
+class CubicResult:
+    r"""What :func:`solve_cubic` returns.
+
+    ``step``: :math:`s` (the gradient's shape, dtype and device); ``model_decrease``:
+    :math:`m(0) - m(s) \ge 0` (0-d tensor); ``iterations``: Hessian-vector products used;
+    ``multiplier``: :math:`\lambda = \sigma\|s\|_A`; ``negative_curvature``: the (Ritz)
+    spectrum seen has a negative eigenvalue; ``status``: ``"converged"``, ``"hard_case"``,
+    ``"zero_gradient"`` (zero gradient, no negative curvature: :math:`s = 0`) or ``"max_iter"``.
+    """
+
+    step: Tensor
+    model_decrease: Tensor
+    iterations: int
+    multiplier: float
+    negative_curvature: bool
+    status: str
+
+
+def cubic_model(grad: Tensor, hvp: Union[Operator, Tensor], sigma: float, step: Tensor,
+                ellipsoid: Optional[Tensor] = None) -> Tensor:
+    r""":math:`m(s) = g^\top s + \frac12 s^\top H s + \frac\sigma3 \|s\|_A^3` (one product).
+
+    >>> round(cubic_model(torch.tensor([1.0]), torch.tensor([[2.0]]), 3.0, torch.tensor([-1 / 3])).item(), 6)
+    -0.185185
+    """
+    op = (lambda v: hvp @ v) if isinstance(hvp, Tensor) else hvp
+    norm = torch.linalg.vector_norm(step) if ellipsoid is None else torch.sqrt(torch.sum(ellipsoid * step * step))
+    return torch.dot(grad, step) + 0.5 * torch.dot(step, op(step)) + sigma / 3.0 * norm**3
+
+
+def _secular(eigvals: np.ndarray, coeffs: np.ndarray, sigma: float) -> Tuple[np.ndarray, float, bool]:
+    r"""The cubic model in an eigenbasis (float64): ``(x, lam, hard)`` with the minimiser's
+    coordinates, :math:`\lambda = \sigma\|x\|` and whether the hard case occurred.
+
+    The unknown is :math:`t = \lambda + \min(\theta_1, 0) > 0`, so every denominator
+    :math:`(\theta_i - \min(\theta_1, 0)) + t` is a sum of non-negative numbers: exact on the
+    leftmost eigenspace however close :math:`\lambda` comes to :math:`-\theta_1` (the near
+    hard case), and with :math:`\lambda` resolved to its own precision when :math:`\theta_1 > 0`.
+    """
+    lam1 = float(eigvals[0])
+    offset = min(lam1, 0.0)
+    shifted = eigvals - offset  # >= 0
+    scale = max(float(np.max(np.abs(eigvals))), 1e-300)
+    gnorm = float(np.linalg.norm(coeffs))
+    tiny = np.finfo(np.float64).tiny
+    nonzero = coeffs != 0
+    group = eigvals - lam1 <= 1e-12 * scale
+
+    def coords(t, mask=nonzero):
+        x = np.zeros_like(coeffs)
+        x[mask] = -coeffs[mask] / (shifted[mask] + t)
+        return x
+
+    if gnorm == 0.0 and lam1 >= 0:
+        return np.zeros_like(coeffs), 0.0, False
+    c_group = float(np.linalg.norm(coeffs[group]))
+    if lam1 < 0 and c_group <= 1e-13 * max(gnorm, tiny):
+        rest = coords(0.0, nonzero & ~group)  # lam = -lam1
+        target = -lam1 / sigma
+        if np.linalg.norm(rest) <= target:
+            z = np.zeros_like(coeffs)
+            if c_group > 0:  # down the (tiny) gradient inside the eigenspace
+                z[group] = -coeffs[group] / c_group
+            else:
+                z[np.flatnonzero(group)[0]] = 1.0
+            return rest + math.sqrt(max(target**2 - float(rest @ rest), 0.0)) * z, -lam1, True
+    # f(t) = ||x(t)|| - (t - offset)/sigma decreases from f(0+) > 0 to f(sqrt(sigma ||c||)) <= 0;
+    # Newton on the concave increasing 1/||x|| - sigma/lam, bisection when it leaves the bracket.
+    lo, hi = 0.0, math.sqrt(sigma * gnorm) * (1 + 1e-12) + tiny
+    t = hi
+    for _ in range(300):
+        x = coords(t)
+        norm = float(np.linalg.norm(x))
+        lam = t - offset
+        if abs(norm - lam / sigma) <= 1e-15 * max(norm, lam / sigma):
+            break
+        if norm > lam / sigma:
+            lo = t
+        else:
+            hi = t
+        if hi - lo <= 2 * np.finfo(np.float64).eps * hi:
+            break
+        slope = float(np.sum(coeffs[nonzero] ** 2 / (shifted[nonzero] + t) ** 3)) / max(norm, tiny) ** 3 \
+            + sigma / max(lam, tiny) ** 2
+        candidate = t - (1.0 / max(norm, tiny) - sigma / max(lam, tiny)) / slope
+        t = candidate if lo < candidate < hi else 0.5 * (lo + hi)
+    return coords(t), float(t - offset), False
+
+
+def _model(eigvals: np.ndarray, coeffs: np.ndarray, x: np.ndarray, sigma: float) -> float:
+    return float(coeffs @ x + 0.5 * np.sum(eigvals * x * x) + sigma / 3.0 * np.linalg.norm(x) ** 3)
+
+
+def _exact(g: Tensor, op: Operator, dense: Optional[Tensor], scale: Optional[Tensor], sigma: float):
+    # the unscaled H (n products unless given), scaled and decomposed in float64: the reference
+    n = g.numel()
+    if dense is None:
+        eye = torch.eye(n, dtype=g.dtype, device=g.device)
+        dense, products = torch.stack([op(eye[i]) for i in range(n)], dim=1), n
+    else:
+        products = 0
+    H = dense.detach().double().cpu()
+    H = 0.5 * (H + H.T)
+    d = torch.ones(n, dtype=torch.float64) if scale is None else scale.detach().double().cpu()
+    eigvals, eigvecs = torch.linalg.eigh(d[:, None] * H * d[None, :])
+    w, V = eigvals.numpy(), eigvecs.numpy()
+    c = V.T @ (d * g.detach().double().cpu()).numpy()
+    x, lam, hard = _secular(w, c, sigma)
+    u = torch.as_tensor(V @ x, dtype=g.dtype).to(g.device)
+    return u, -_model(w, c, x, sigma), products, lam, bool(w[0] < 0), hard, True
+
+
+def _lanczos(g: Tensor, op: Operator, sigma: float, rtol: float, max_iter: int, generator: torch.Generator):
+    lz = Lanczos(op, g, generator=generator)
+    gamma = lz.start_norm  # g = gamma q_1 (0: the first block starts at random)
+    while True:
+        lz.step()
+        theta, y = lz.eigh()
+        x, lam, hard = _secular(theta, gamma * y[0], sigma)
+        h = y @ x
+        # ||grad m(Q h)|| = beta_{k+1} |h_k|: the model is solved exactly in the Krylov space
+        residual = lz.last_beta * abs(h[-1])
+        hnorm = float(np.linalg.norm(h))
+        if gamma > 0:
+            tol = rtol * min(1.0, hnorm) * gamma  # Cartis, Gould & Toint's TC.s rule
+        else:
+            tol = rtol * max(lz.scale, 1e-300) * max(hnorm, 1e-300)
+        if lz.broke_down:
+            settled = False  # invariant Krylov space: the complement may hold lower curvature
+        elif gamma == 0 or len(lz.block_starts) > 1 or (theta[0] < 0 and lam + theta[0] <= 1e-2 * max(lam, 1e-300)):
+            # a block started at random, or a (near) hard case in the Krylov space: the step
+            # leans on the leftmost Ritz pair, so that pair must have converged
+            _, yb = lz.eigh(lz.block_starts[-1])
+            settled = lz.last_beta * abs(yb[-1, 0]) <= rtol * max(lz.scale, 1e-300)
+        else:
+            settled = True
+        converged = lz.exhausted or (residual <= tol and settled)
+        if converged or lz.k >= max_iter:
+            break
+    u = lz.combine(h)
+    value = _model(theta, gamma * y[0], x, sigma)
+    return u, -value, lz.k, lam, bool(theta[0] < 0), hard, converged
+
+
+def solve_cubic(
+    grad: Tensor,
+    hvp: Union[Operator, Tensor],
+    sigma: float,
+    *,
+    ellipsoid: Optional[Tensor] = None,
+    method: str = "lanczos",
+    rtol: float = 1e-6,
+    max_iter: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> CubicResult:
+    r"""Minimise :math:`g^\top s + \frac12 s^\top H s + \frac\sigma3\|s\|_A^3` (the ARC subproblem).
+
+    ``"lanczos"`` builds the Lanczos basis :math:`Q_k` of :math:`\tilde g` and
+    :math:`T_k = Q_k^\top \tilde H Q_k`, minimises the model exactly on that space through
+    :math:`T_k`'s eigendecomposition and the secular equation, and stops once the model's
+    gradient is small, which needs no further product:
+
+    .. math:: \|\nabla m(u_k)\| = \beta_{k+1} |e_k^\top h_k|
+              \le \mathrm{rtol}\cdot \min(1, \|u_k\|)\, \|\tilde g\|
+
+    (Cartis, Gould & Toint 2011, the TC.s rule; norms in the region's variables). A zero
+    gradient starts from a random vector and stops when the leftmost Ritz pair has converged.
+
+    Args:
+        grad: :math:`g`, a 1-D floating tensor.
+        hvp: a callable ``v -> H v`` on 1-D tensors, or a dense square tensor.
+        sigma: the regularisation weight :math:`\sigma > 0`.
+        ellipsoid: the positive vector :math:`a` of :math:`A = \operatorname{diag}(a)`
+            (``None``: the sphere), e.g. a :mod:`trlib.norms` ellipsoid.
+        method: ``"lanczos"`` or ``"exact"`` (dense, float64, ``n`` products for a callable).
+        rtol: ``"lanczos"``'s tolerance (``0``: until the basis spans the space).
+        max_iter: most products for ``"lanczos"`` (default: the dimension).
+        generator: random numbers for restarts (zero gradient, hard case); default seed 0.
+
+    Returns:
+        :class:`CubicResult`. Vectors stay on ``grad``'s device and in its dtype; the small
+        tridiagonal and secular problems are solved in float64 on the host (one
+        synchronisation per product).
+
+    >>> H = torch.diag(torch.tensor([-1.0, 2.0], dtype=torch.float64))
+    >>> r = solve_cubic(torch.zeros(2, dtype=torch.float64), H, 2.0)   # a saddle: s = (|theta_1|/sigma) v_1
+    >>> r.status, round(abs(float(r.step[0])), 6), round(float(r.model_decrease), 6)
+    ('hard_case', 0.5, 0.041667)
+
+    References: Cartis, Gould & Toint, *Adaptive cubic regularisation methods for unconstrained
+    optimization, Part I*, Math. Program. 127 (2011), §3 and §6; Gould, Lucidi, Roma & Toint,
+    SIAM J. Optim. 9 (1999) (the Lanczos approach); Nesterov & Polyak, Math. Program. 108 (2006).
+    """
+    if not isinstance(grad, Tensor) or grad.ndim != 1 or not grad.is_floating_point() or grad.numel() == 0:
+        raise ValueError("Invalid grad: expected a non-empty 1-D floating-point tensor")
+    if not bool(torch.all(torch.isfinite(grad))):
+        raise ValueError("Invalid grad: contains NaN or inf")
+    n = grad.numel()
+    dense = None
+    if isinstance(hvp, Tensor):
+        if hvp.ndim != 2 or hvp.shape != (n, n):
+            raise ValueError(f"Invalid hvp: a dense Hessian must have shape ({n}, {n}), got {tuple(hvp.shape)}")
+        dense = hvp
+        op = lambda v: dense @ v  # noqa: E731
+    elif callable(hvp):
+        op = hvp
+    else:
+        raise ValueError("Invalid hvp: expected a callable v -> H v or a square tensor")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"Invalid sigma: {sigma!r} (must be positive and finite)")
+    sigma = float(sigma)
+    if method not in CUBIC_METHODS:
+        raise ValueError(f"Invalid method: {method!r}; expected one of {CUBIC_METHODS}")
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"Invalid rtol: {rtol!r} (must be a finite float >= 0)")
+    max_iter = n if max_iter is None else max_iter
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a positive int or None)")
+
+    scale = None
+    g, base_op = grad, op
+    if ellipsoid is not None:
+        if not isinstance(ellipsoid, Tensor) or ellipsoid.shape != grad.shape:
+            raise ValueError(f"Invalid ellipsoid: expected a tensor of shape {tuple(grad.shape)}")
+        if not bool(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0))):
+            raise ValueError("Invalid ellipsoid: entries must be positive and finite")
+        scale = ellipsoid.to(grad.dtype).rsqrt()  # u = A^{1/2} s, s = scale * u
+        g = scale * grad
+        op = lambda v: scale * base_op(scale * v)  # noqa: E731
+
+    if method == "exact":
+        u, decrease, products, lam, negative, hard, converged = _exact(grad, base_op, dense, scale, sigma)
+    else:
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        u, decrease, products, lam, negative, hard, converged = _lanczos(g, op, sigma, float(rtol), max_iter,
+                                                                         generator)
+    step = u if scale is None else scale * u
+    if hard:
+        status = "hard_case"
+    elif lam == 0.0:
+        status = "zero_gradient"
+    else:
+        status = "converged" if converged else "max_iter"
+    decrease = torch.tensor(max(decrease, 0.0), dtype=grad.dtype, device=grad.device)
+    return CubicResult(step, decrease, int(products), float(lam), negative, status)

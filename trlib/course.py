@@ -13,6 +13,13 @@ on 2 CPU cores, each chapter in about a minute), a Colab GPU session (medium mod
 minutes per chapter on a T4-class GPU, on the real dataset where it can be loaded) and the
 paper-size experiment (full mode, opt-in with ``TRLIB_MODE=full``).
 
+Prose that cannot drift from output: every sentence of a chapter that states an outcome of
+its runs either carries the outcome as a glued value (``{glue:text}`name```, from
+:func:`glue`), or ends with a marker ``<!-- check: name -->`` whose :func:`check` in the
+code cell right before or after it fails the build when the outcome changes.
+``tests/test_outcomes.py`` finds the outcome sentences (CONTRIBUTING.md lists the vocabulary)
+and fails on any that is neither.
+
 Nothing here is needed by the library itself, and nothing here needs more than the
 ``trlib-torch[data,plot]`` install: myst-nb, ipywidgets and threadpoolctl are used when present.
 """
@@ -29,7 +36,8 @@ import numpy as np
 import torch
 
 __all__ = ["REPOSITORY_URL", "INSTALL_SPEC", "MODES", "mode", "is_full", "pick", "device", "seed_everything",
-           "banner", "glue", "glued", "progress", "show_progress", "on_colab"]
+           "banner", "glue", "glued", "progress", "show_progress", "on_colab", "check", "checked",
+           "OutcomeError"]
 
 #: The repository (also in _config.yml and each notebook's install cell; a test checks they agree).
 REPOSITORY_URL = "https://github.com/trlib-course/trlib"
@@ -185,3 +193,54 @@ def progress(iterable=None, **kwargs):
         warnings.simplefilter("ignore")
         from tqdm.auto import tqdm
     return tqdm(iterable, **kwargs)
+
+
+#: Every :func:`check` that ran, by name: True when its outcome held (False only in warn mode).
+checked: Dict[str, bool] = {}
+
+
+class OutcomeError(AssertionError):
+    """An outcome the page's text states does not hold in this run (see :func:`check`)."""
+
+
+def _check_action() -> str:
+    forced = os.environ.get("TRLIB_CHECKS", "").strip().lower()
+    if forced:
+        if forced not in ("raise", "warn"):
+            raise ValueError(f"invalid TRLIB_CHECKS {forced!r}: expected raise or warn")
+        return forced
+    return "warn" if on_colab() else "raise"
+
+
+def check(name: str, holds: Any, says: str) -> None:
+    """Guard a sentence of the page: ``holds`` is the outcome the sentence ``says``, computed
+    from this run. The sentence ends with ``<!-- check: name -->`` and this call sits in the
+    code cell right before or after it (``tests/test_outcomes.py`` checks both).
+
+    When the outcome does not hold, the book build stops with :class:`OutcomeError` naming
+    the sentence, so text and output cannot disagree on a rendered page. On Colab, where a
+    reader may run larger presets than the page was written for, it warns instead
+    (``TRLIB_CHECKS=raise`` or ``warn`` overrides).
+
+    >>> check("doc_example", 2 < 3, "two is below three")
+    >>> check("doc_example", 2 > 3, "two is above three")
+    Traceback (most recent call last):
+    ...
+    trlib.course.OutcomeError: the text says "two is above three" (check 'doc_example'), but this run does not bear it out; change the text or find out what changed in the run
+    """
+    if not (isinstance(name, str) and name.replace("_", "").isalnum() and name[:1].isalpha()):
+        raise ValueError(f"invalid check name {name!r}: use letters, digits and underscores, starting with a letter")
+    if not (isinstance(says, str) and says.strip()):
+        raise ValueError(f"check {name!r}: say in words what the sentence states (says=...)")
+    try:
+        ok = bool(holds)
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a tensor of many elements
+        raise ValueError(f"check {name!r}: the outcome must be a single truth value, got {type(holds).__name__}") from err
+    checked[name] = ok
+    if ok:
+        return
+    message = (f'the text says "{says}" (check {name!r}), but this run does not bear it out; '
+               "change the text or find out what changed in the run")
+    if _check_action() == "raise":
+        raise OutcomeError(message)
+    warnings.warn("Note for this run: " + message, stacklevel=2)

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["X_AXES", "Y_LABELS", "METHOD_LABELS", "method_style", "mean_band", "plot_curves",
-           "plot_comparison", "plot_budget_axes"]
+           "plot_comparison", "plot_budget_axes", "region_outline", "plot_contours"]
 
 #: x axis name -> (record key, axis label)
 X_AXES = {
@@ -205,3 +205,56 @@ def plot_budget_axes(records: Iterable[Dict[str, Any]], y: str = "train_loss", *
         plot_curves(records, x=x, y=y, ax=ax, task=task, methods=methods, confidence=confidence, legend=(i == 0))
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- two-dimensional pictures
+def region_outline(center, radius: float, ellipsoid=None, basis=None, points: int = 200) -> np.ndarray:
+    r"""Boundary points of a two-dimensional trust region, for drawing it:
+
+    .. math:: \{\, c + s \;:\; \|Q^\top s\|_{\operatorname{diag}(a)} = \Delta \,\}
+              = \{\, c + \Delta\, Q \operatorname{diag}(a)^{-1/2} (\cos\phi, \sin\phi) \,\},
+
+    with centre :math:`c`, radius :math:`\Delta`, ``ellipsoid`` :math:`a` (None: the circle)
+    and ``basis`` :math:`Q` (orthogonal; None: the coordinate axes), so that the region's
+    matrix is :math:`Q \operatorname{diag}(a) Q^\top`. Returns an array of shape
+    ``(points, 2)``. Tensors or arrays are accepted.
+
+    >>> xy = region_outline((1.0, 0.0), 2.0, ellipsoid=(4.0, 1.0), points=5)
+    >>> np.round(xy, 6).tolist()
+    [[2.0, 0.0], [1.0, 2.0], [0.0, 0.0], [1.0, -2.0], [2.0, -0.0]]
+
+    Reference: Conn, Gould & Toint, *Trust-Region Methods* (2000), §7.7 (ellipsoidal norms).
+    """
+    def arr(x):
+        return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=float)
+
+    phi = np.linspace(0.0, 2.0 * np.pi, points)
+    unit = np.stack([np.cos(phi), np.sin(phi)], axis=1)
+    scale = np.ones(2) if ellipsoid is None else 1.0 / np.sqrt(arr(ellipsoid))
+    q = np.eye(2) if basis is None else arr(basis)
+    return arr(center) + (float(radius) * unit * scale) @ q.T
+
+
+def plot_contours(ax, fun, xlim: Tuple[float, float], ylim: Tuple[float, float], *, levels=20, log: bool = False,
+                  points: int = 200, **kwargs):
+    r"""Contour lines of a function of two variables on a grid, :math:`f(x, y)` or, with
+    ``log``, :math:`\log_{10}(f - \min f + 10^{-12})` (for functions such as Rosenbrock's whose
+    interesting level sets are spread over decades). ``fun`` takes two arrays (the grid) and
+    returns an array; ``kwargs`` go to ``ax.contour`` (default: grey thin lines).
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> _, ax = plt.subplots()
+    >>> lines = plot_contours(ax, lambda x, y: x**2 + 4 * y**2, (-1, 1), (-1, 1), levels=5)
+    >>> len(lines.levels) > 0
+    True
+    """
+    x, y = np.meshgrid(np.linspace(*xlim, points), np.linspace(*ylim, points))
+    z = np.asarray(fun(x, y), dtype=float)
+    if log:
+        z = np.log10(z - z.min() + 1e-12)
+    kwargs.setdefault("colors", "0.75")
+    kwargs.setdefault("linewidths", 0.8)
+    if "cmap" in kwargs:
+        kwargs.pop("colors")
+    return ax.contour(x, y, z, levels=levels, **kwargs)

@@ -2,6 +2,7 @@
 files, the table's statistics and the command line, all on the sklearn digits stand-in."""
 
 import doctest
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from trlib.data import DatasetUnavailableError
 from trlib.experiments import (METHODS, format_table, get_config, load_data, load_results, load_runs, mean_ci,
                                parse_budget, parse_overrides, run, summarize, write_run)
 from trlib.experiments.__main__ import main
+from trlib.experiments.storage import load_checkpoint
 from trlib.models import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,7 +279,7 @@ def test_crash_then_resume_from_the_epoch_checkpoint_is_bit_for_bit(tmp_path, di
     reference = go("tr_adagrad", "3epochs", digits)
     with pytest.raises(Stop):
         go("tr_adagrad", "3epochs", digits, out=tmp_path, on_step=interrupt_at(5, Stop()))
-    ck = torch.load(next(tmp_path.glob("checkpoints/*.pt")), weights_only=True)
+    ck = load_checkpoint(next(tmp_path.glob("checkpoints/*.pt")))
     assert ck["state"]["epochs_done"] == 1 and ck["state"]["steps"] == 3  # 3 TR batches of 512 per epoch
     assert without_time(go("tr_adagrad", "3epochs", digits, out=tmp_path)) == without_time(reference)
 
@@ -338,6 +340,8 @@ def test_provenance(tmp_path, digits):
     assert p["dataset"] == dict(name="digits", display_name=STAND_IN, is_stand_in=True, stand_in_for="mnist",
                                 n_train=N, n_test=360)
     assert p["torch"] == torch.__version__ and p["device"] and p["started"][:4].isdigit()
+    assert [(x["budget"], x["from_step"]) for x in p["sessions"]] == [("1epochs", 0)]
+    assert p["budget_spent"]["data_passes"] == r.records[-1]["data_passes"] > p["budget_spent"]["epochs"] == 1.0
     if (ROOT / ".git").exists():
         assert len(p["git_commit"]) == 40
     assert all(rec["dataset"] == STAND_IN and rec["stand_in"] for rec in r.records)
@@ -349,10 +353,19 @@ def test_jsonl_round_trip_and_bad_files(tmp_path):
     prov = {"task": "t", "config": {"lr": 0.1, "warmup": None}, "status": "complete"}
     write_run(tmp_path / "a.jsonl", prov, records)
     (r,) = load_runs(tmp_path)
-    assert r.provenance == prov and r.records == records and load_results(tmp_path / "a.jsonl") == records
+    assert r.verified and r.records == records and load_results(tmp_path / "a.jsonl") == records
+    assert {k: v for k, v in r.provenance.items() if k != "integrity"} == prov
+    text = (tmp_path / "a.jsonl").read_text()
+    body = text.split("\n", 1)[1].encode()
+    head = json.dumps(prov).encode()  # the checksum covers the provenance and every record line
+    assert r.provenance["integrity"] == {"records": 3, "sha256": hashlib.sha256(head + b"\n" + body).hexdigest()}
     nan = [dict(records[0], train_loss=float("nan"))]
     write_run(tmp_path / "b.jsonl", prov, nan)
-    assert math.isnan(load_results(tmp_path / "b.jsonl")[0]["train_loss"])
+    assert math.isnan(load_results(tmp_path / "b.jsonl")[0]["train_loss"]) and load_runs(tmp_path / "b.jsonl")[0].verified
+    legacy = "\n".join(json.dumps(x) for x in [{"provenance": prov}] + records) + "\n"  # before checksums
+    (tmp_path / "legacy.jsonl").write_text(legacy)
+    (old,) = load_runs(tmp_path / "legacy.jsonl")
+    assert not old.verified and old.records == records
     (tmp_path / "c.jsonl").write_text('{"step": 0}\n')
     with pytest.raises(ValueError, match="c.jsonl:1: a run file starts with a provenance line"):
         load_runs(tmp_path)
@@ -510,8 +523,33 @@ def test_cli_end_to_end(tmp_path):
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert exc.value.code == 0 and "--budget" in out and "5000backprops" in out and "--data {auto,real,stand-in}" in out
+    assert "auto: CUDA when present, else the CPU (default: auto)" in out and "--preset {paper}" in out
+
+
+def test_device_auto_is_cuda_when_present(tmp_path, digits):
+    assert runner.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert runner.resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            runner.resolve_device("cuda:0")
+    assert main(["run", "--task", "mnist_mlp", "--method", "sgd", "--budget", "1backprops", "--out", str(tmp_path),
+                 "--data", "stand-in", "--no-progress"]) == 0  # no --device
+    (r,) = load_runs(tmp_path)
+    assert r.provenance["device_type"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_quick_demo_trains_tr_rms_with_the_automatic_first_radius(digits):
+    # the paper's first radius 1e-4 is for thousands of steps: in the 30 steps of the quick demo
+    # TR-RMS stays near chance; the automatic first radius (the first Cauchy step) trains
+    assert get_config("mnist_mlp", "tr_rms", quick=True)["radius"] is None
+    demo = go("tr_rms", "10epochs", digits, quick=True)
+    paper = go("tr_rms", "10epochs", digits, quick=True, preset="paper")
+    assert paper[0]["radius"] == 1e-4 and paper[-1]["train_acc"] < 0.5 < 0.9 < demo[-1]["train_acc"]
+    assert go("tr_rms", "1epochs", digits, quick=True, overrides={"radius": 1e-4})[-1]["radius"] < 1e-3
+    with pytest.raises(ValueError, match="unknown preset 'authors'; valid presets: paper"):
+        get_config("mnist_mlp", "tr_rms", preset="authors")
 
 
 def test_quick_mode_runs_every_task(digits):

@@ -7,6 +7,10 @@ ellipsoid, :mod:`trlib.norms`) times a *model* (the quadratic Taylor model, solv
 
 __version__ = "0.1.0"
 
+from . import _startup
+
+_startup.quiet_interrupts()  # under `python -m trlib.experiments`: a Ctrl-C while torch loads ends in one line
+
 from . import curvature, lanczos, norms, region, subproblem
 from .curvature import FlatView, dense_hessian, flat_grad, frozen_batchnorm_stats
 from .lanczos import smallest_eigenpair

@@ -1,8 +1,11 @@
 """Command line of :mod:`trlib.experiments`: ``python -m trlib.experiments {run,table,plot,config} ...``.
 
-Bad arguments end with a one-line message and exit status 2 (no traceback); a dataset that
-cannot be loaded with ``--data real`` ends with the loader's explanation and status 1; Ctrl-C
-writes a checkpoint, says how to resume, and exits with status 130.
+Bad arguments (``--out`` and budgets included) end with a one-line message and exit status 2
+before any training; a dataset that cannot be loaded with ``--data real``, a missing optional
+package (with the ``pip install "trlib-torch[...]"`` that provides it), a damaged checkpoint or
+results file, and a run with other settings end with a one-line message and status 1. A run
+that another process is writing is skipped with a message (status 1 at the end). Ctrl-C writes
+a checkpoint, says how to resume, and exits with status 130 (during start-up: no traceback).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from ..models import TASKS
 from .configs import METHODS, PRESETS, get_config, parse_overrides
-from .runner import parse_budget
+from .runner import parse_budget, prepare_out, resolve_device
 
 EPILOG = """examples:
   python -m trlib.experiments run --task mnist_mlp --method tr_rms sgd --seeds 0 1 2 --budget 20epochs --out results/
@@ -74,15 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="work per run: e.g. 20epochs, 5000backprops, 300s (training seconds); "
                         "required unless --quick (default there: 10epochs)")
     p.add_argument("--out", type=Path, required=True, help="folder for results and checkpoints")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="torch device, e.g. cpu, cuda, cuda:1; auto: CUDA when present, else the CPU (default: auto)")
     p.add_argument("--data", choices=("auto", "real", "stand-in"), default="auto",
                    help="auto: the real dataset if it can be loaded or downloaded, else its offline stand-in "
                         "(announced); real: fail if missing; stand-in: the offline stand-in (default: auto)")
     p.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: $TRLIB_DATA or "
                    "~/.cache/trlib/data)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny runs for a CPU: stand-in data, warm-ups of at most 1 epoch, evaluation every "
-                        "1/4 epoch, 1 thread")
+                   help="tiny runs for a CPU: stand-in data, 1 thread, evaluation every 1/4 epoch, warm-ups of "
+                        "at most 1 epoch, and the TR methods' automatic first radius (--preset paper or "
+                        "--set radius=... keeps the authors')")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="a named set of settings applied before --set (paper: the authors' table)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -138,11 +144,14 @@ def _cmd_run(args, parser) -> int:
         for task in tasks:  # every setting checked before any work starts
             for method in methods:
                 get_config(task, method, quick=args.quick, preset=args.preset, **overrides)
-        device = torch.device(args.device)
+        device = resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
-        parser.error(str(err))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine")
+        parser.error(f"--device {args.device}: CUDA is not available on this machine" if "CUDA" in str(err)
+                     else str(err))
+    try:
+        prepare_out(args.out)  # before any data is loaded (data-parallel: every process; mkdir tolerates that)
+    except ValueError as err:
+        parser.error(f"--out: {err}")
     data = "stand-in" if args.quick and args.data == "auto" else args.data
     ctx = None
     if args.distributed:
@@ -162,9 +171,11 @@ def _cmd_run(args, parser) -> int:
 
 def _run_all(args, tasks, methods, overrides, budget, data, device, ctx) -> int:
     from ..data import DatasetUnavailableError
-    from .runner import load_data, run
+    from .runner import BudgetWarning, load_data, run
+    from .storage import RunLockedError
 
     main = ctx is None or ctx.is_main
+    skipped = []
     for task in tasks:
         try:
             if ctx is None:
@@ -182,9 +193,21 @@ def _run_all(args, tasks, methods, overrides, budget, data, device, ctx) -> int:
         for method in methods:
             for seed in args.seeds:
                 try:
-                    log = run(task, method, seed, budget, out=args.out, device=device, quick=args.quick,
-                              preset=args.preset, overrides=overrides, progress=not args.no_progress, fresh=args.fresh,
-                              threads=args.threads, datasets=datasets, distributed=ctx)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always", BudgetWarning)
+                        log = run(task, method, seed, budget, out=args.out, device=device, quick=args.quick,
+                                  preset=args.preset, overrides=overrides, progress=not args.no_progress,
+                                  fresh=args.fresh, threads=args.threads, datasets=datasets, distributed=ctx)
+                    for w in caught:
+                        if issubclass(w.category, BudgetWarning):
+                            print(f"warning: {w.message}", file=sys.stderr)
+                        else:
+                            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                except RunLockedError as err:  # another process trains it: leave it to that one
+                    if main:
+                        print(f"skipped: {err}", file=sys.stderr)
+                    skipped.append(f"{task} {method} seed {seed}")
+                    continue
                 except KeyboardInterrupt:
                     if main:
                         print(f"\ninterrupted: {task} {method} seed {seed}; the checkpoint is in "
@@ -201,16 +224,24 @@ def _run_all(args, tasks, methods, overrides, budget, data, device, ctx) -> int:
                 acc += "" if math.isfinite(last["train_loss"]) else " (diverged)"
                 procs = "" if ctx is None else f" ({ctx.world_size} processes)"
                 print(f"{task} {method} seed {seed} on {last['dataset']}{procs}: {last['epoch']:.2f} epochs, "
-                      f"{last['backprops']} backprops, {last['time']:.1f} s, train loss {last['train_loss']:.4g}{acc}",
-                      flush=True)
-    return 0
+                      f"{last['backprops']:.10g} backprops, {last['data_passes']:.4g} data passes, {last['time']:.1f} s, "
+                      f"train loss {last['train_loss']:.4g}{acc}", flush=True)
+    if skipped and main:
+        print(f"not run here, because another process is writing them: {', '.join(skipped)}", file=sys.stderr)
+    return 1 if skipped else 0
+
+
+class _Refused(Exception):
+    """Results that table and plot must not summarise (the message says why, one line per file)."""
 
 
 def _load(args, parser):
-    from .results import load_runs
+    from .results import RunFileError, load_runs
 
     try:
         runs = load_runs(args.inp)
+    except RunFileError as err:
+        raise _Refused(str(err)) from None
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     if not any(r.records for r in runs):
@@ -219,6 +250,10 @@ def _load(args, parser):
                   if r.provenance.get("status") not in ("complete",)]
     if unfinished:
         print("note: not complete: " + ", ".join(unfinished), file=sys.stderr)
+    unverified = [r.path.name for r in runs if not r.verified]
+    if unverified:
+        print("note: not verified (written before results files carried a checksum): " + ", ".join(unverified),
+              file=sys.stderr)
     return [rec for r in runs for rec in r.records]
 
 
@@ -234,15 +269,26 @@ def _cmd_plot(args, parser) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
     from .. import plotting
 
+    formats = Figure().canvas.get_supported_filetypes()
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; give the image's file name, e.g. {args.out / 'figure.png'}")
+    if args.out.suffix.lstrip(".").lower() not in formats:
+        parser.error(f"--out {args.out}: give the image's file name with one of the endings "
+                     f"{', '.join('.' + f for f in sorted(formats))}")
     records = _load(args, parser)
-    fig = plotting.plot_comparison(records, x=args.x, ys=args.y)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        fig = plotting.plot_comparison(records, x=args.x, ys=args.y)
+    except ValueError as err:  # e.g. an x axis the files do not record
+        parser.error(str(err))
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.out, dpi=120, bbox_inches="tight")
-    except ValueError as err:  # e.g. an unknown image format
-        parser.error(f"--out {args.out}: {err}")
+    except OSError as err:
+        parser.error(f"--out {args.out}: {err.strerror or err}")
     print(f"wrote {args.out}")
     return 0
 
@@ -256,12 +302,45 @@ def _cmd_config(args, parser) -> int:
     return 0
 
 
+#: optional package -> (what to install, the extra that provides it, what needs it)
+_EXTRAS = {"sklearn": ("scikit-learn", "data", "the offline stand-in datasets"),
+           "mnist1d": ("mnist1d", "data", "the MNIST-1D stand-in"),
+           "torchvision": ("torchvision", "data", "MNIST, Fashion-MNIST and CIFAR-10"),
+           "matplotlib": ("matplotlib", "plot", "figures")}
+
+
+def _missing_extra(err: ImportError):
+    """One line naming the optional package behind ``err`` and how to install it, or None."""
+    name = (err.name or "").split(".")[0]
+    if name not in _EXTRAS:
+        name = next((m for m in _EXTRAS if m in str(err)), None)
+    if name is None:
+        return None
+    package, extra, what = _EXTRAS[name]
+    return f"{what} need the package {package}, which is not installed: pip install \"trlib-torch[{extra}]\""
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command]
-    return {"run": _cmd_run, "table": _cmd_table, "plot": _cmd_plot, "config": _cmd_config}[args.command](args, sub)
+    try:
+        return {"run": _cmd_run, "table": _cmd_table, "plot": _cmd_plot, "config": _cmd_config}[args.command](args, sub)
+    except _Refused as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    except ImportError as err:
+        message = _missing_extra(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # e.g. during the imports of a command: no traceback
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -31,6 +31,10 @@ Sources and choices (see the project notes, REFERENCE.md section 2):
   images (the deep-autoencoder benchmark's per-image error; the sigmoid output layer of
   :func:`trlib.models.autoencoder` makes MSE well defined, and unlike BCE on probabilities
   it needs no clamping of log(0), which would spoil Hessian-vector products).
+* Quick mode (``get_config(..., quick=True)``, the CLI's ``--quick``) evaluates every 1/4
+  epoch, caps warm-ups at 1 epoch and gives the TR methods the library's automatic first
+  radius (``radius=None``). Presets (:data:`PRESETS`, ``--preset``) are named sets of
+  settings applied after quick mode and before overrides; ``"paper"`` is the authors' table.
 
 >>> cfg = get_config("mnist_mlp", "tr_rms")
 >>> cfg["radius"], cfg["decrease"], cfg["batch_size"], cfg["batch_cap"]

@@ -4,15 +4,27 @@ Format: one JSON-lines file per run, ``<task>__<method>__<dataset>__seed<k>.json
 line is ``{"provenance": {...}}`` (task, method, seed, the full configuration, budget and
 budget spent, status ``running``/``interrupted``/``complete``/``diverged``, dataset name,
 display name and whether it is a stand-in, device, torch/trlib/Python versions, git commit,
-dates); every other line is one log record (see :func:`trlib.experiments.run`). Non-finite
-numbers are written as Python's json writes them (``NaN``, ``Infinity``). Files are rewritten
-atomically, so a reader never sees half a file.
+dates, one entry per session); every other line is one log record (see
+:func:`trlib.experiments.run`). Non-finite numbers are written as Python's json writes them
+(``NaN``, ``Infinity``). Files are rewritten atomically, so a reader never sees half a file.
+
+The provenance ends with ``integrity``: the number of records and the SHA-256 of the file's
+text (the provenance without ``integrity``, then the record lines). :func:`read_run` checks
+both, so a file that lost a record, was cut, or was edited is refused, not read as if it were
+whole. Files written before this check existed (no ``integrity``) are read with
+``Run.verified`` False.
 
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
->>> write_run(path, {"task": "t", "status": "complete"}, [{"method": "sgd", "train_loss": 0.5}])
->>> load_results(path)
-[{'method': 'sgd', 'train_loss': 0.5}]
+>>> records = [dict(task="t", method="sgd", seed=0, dataset="d", step=k, train_loss=1 / (k + 1)) for k in range(3)]
+>>> write_run(path, {"task": "t", "method": "sgd", "seed": 0, "status": "complete"}, records)
+>>> [r["train_loss"] for r in load_results(path)]
+[1.0, 0.5, 0.3333333333333333]
+>>> lines = open(path).readlines(); _ = open(path, "w").writelines(lines[:-1])   # drop the last record
+>>> load_results(path)   # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+trlib.experiments.results.RunFileError: .../run.jsonl: 2 records, but its provenance says the run wrote 3 ...
 >>> mean_ci([1.0, 2.0, 3.0])   # 2 +- t(0.975, 2) * 1 / sqrt(3)  # doctest: +ELLIPSIS
 (2.0, 2.484...)
 """
@@ -20,6 +32,7 @@ atomically, so a reader never sees half a file.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -32,54 +45,102 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from .configs import METHODS
 from .storage import atomic_write
 
-__all__ = ["Run", "write_run", "read_run", "load_runs", "load_results", "mean_ci", "first_reach",
+__all__ = ["Run", "RunFileError", "write_run", "read_run", "load_runs", "load_results", "mean_ci", "first_reach",
            "group_runs", "summarize", "format_table"]
 
 PathLike = Union[str, os.PathLike]
+#: What every record holds (a line without them is not a record of a run).
+RECORD_KEYS = ("task", "method", "seed", "dataset", "step")
+_REWRITE = "rerun the run's command to rewrite it from its checkpoint"
+
+
+class RunFileError(ValueError):
+    """A results file that is not a run, or that disagrees with its own provenance."""
 
 
 @dataclass
 class Run:
-    """One run read from disk: its provenance header and its log records."""
+    """One run read from disk: its provenance header and its log records. ``verified``: the
+    file matched the record count and checksum of its provenance (False for files written
+    before those were recorded)."""
 
     path: Path
     provenance: Dict[str, Any]
     records: List[Dict[str, Any]] = field(default_factory=list)
+    verified: bool = False
+
+
+def _checksum(provenance: Dict[str, Any], body: bytes) -> str:
+    head = json.dumps({k: v for k, v in provenance.items() if k != "integrity"}).encode("utf-8")
+    return hashlib.sha256(head + b"\n" + body).hexdigest()
 
 
 def write_run(path: PathLike, provenance: Dict[str, Any], records: Iterable[Dict[str, Any]]) -> None:
-    """Write one run (atomically: a temporary file, then a rename)."""
+    """Write one run (atomically), with its record count and checksum in ``provenance["integrity"]``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"provenance": provenance})] + [json.dumps(rec) for rec in records]
-    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    lines = [json.dumps(rec) for rec in records]
+    body = "".join(line + "\n" for line in lines).encode("utf-8")
+    provenance = {k: v for k, v in provenance.items() if k != "integrity"}
+    provenance["integrity"] = {"records": len(lines), "sha256": _checksum(provenance, body)}
+    atomic_write(path, json.dumps({"provenance": provenance}).encode("utf-8") + b"\n" + body)
 
 
 def read_run(path: PathLike) -> Run:
-    """One run file; ValueError naming the file and line when it is not a run."""
+    """One run file, checked against its provenance. :class:`RunFileError` (a ValueError) naming
+    the file, and the line where there is one, when it is not a run or disagrees with it."""
     path = Path(path)
-    run = None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-            if run is None:
-                if not (isinstance(obj, dict) and set(obj) == {"provenance"}):
-                    raise ValueError(f"{path}:{number}: a run file starts with a provenance line")
-                run = Run(path, obj["provenance"])
-            else:
-                run.records.append(obj)
-    if run is None:
-        raise ValueError(f"{path}: empty file, not a run")
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise RunFileError(f"{path}: a folder, not a run file") from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RunFileError(f"{path}: not a run file: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    head, _, body = data.partition(b"\n")
+    if not data.strip():
+        raise RunFileError(f"{path}: empty file, not a run")
+    try:
+        first = json.loads(head)
+    except json.JSONDecodeError as err:
+        raise RunFileError(f"{path}:1: not JSON ({err})") from None
+    if not (isinstance(first, dict) and set(first) == {"provenance"} and isinstance(first["provenance"], dict)):
+        raise RunFileError(f"{path}:1: a run file starts with a provenance line")
+    run = Run(path, first["provenance"])
+    for number, line in enumerate(body.split(b"\n"), 2):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunFileError(f"{path}:{number}: not JSON ({err}); {_REWRITE}") from None
+        missing = [k for k in RECORD_KEYS if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise RunFileError(f"{path}:{number}: not a record of a run (no {missing[0]!r})")
+        other = [k for k in ("task", "method", "seed") if k in run.provenance and rec[k] != run.provenance[k]]
+        if other:
+            raise RunFileError(f"{path}:{number}: a record of another run ({other[0]} {rec[other[0]]!r}, the "
+                               f"provenance says {run.provenance[other[0]]!r})")
+        run.records.append(rec)
+    integrity = run.provenance.get("integrity")
+    if integrity is not None:
+        if not (isinstance(integrity, dict) and isinstance(integrity.get("records"), int)):
+            raise RunFileError(f"{path}:1: its provenance's integrity entry is unreadable")
+        if len(run.records) != integrity["records"]:
+            raise RunFileError(f"{path}: {len(run.records)} records, but its provenance says the run wrote "
+                               f"{integrity['records']} (a record was removed or added, or the file was cut); "
+                               f"{_REWRITE}")
+        if _checksum(run.provenance, body) != integrity.get("sha256"):
+            raise RunFileError(f"{path}: its contents do not match the checksum in its provenance (the file was "
+                               f"edited or damaged); {_REWRITE}")
+        run.verified = True
     return run
 
 
 def load_runs(path: PathLike) -> List[Run]:
-    """Every run in ``path``: one ``.jsonl`` file, or a folder searched recursively."""
+    """Every run in ``path``: one ``.jsonl`` file, or a folder searched recursively.
+    :class:`RunFileError` listing every file that is not a whole run (one line each)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.jsonl") if not p.name.startswith("."))
@@ -87,7 +148,15 @@ def load_runs(path: PathLike) -> List[Run]:
         files = [path]
     else:
         raise FileNotFoundError(f"no results at {path}")
-    return [read_run(p) for p in files]
+    runs, problems = [], []
+    for p in files:
+        try:
+            runs.append(read_run(p))
+        except RunFileError as err:
+            problems.append(str(err))
+    if problems:
+        raise RunFileError("\n".join(problems))
+    return runs
 
 
 def load_results(path: PathLike) -> List[Dict[str, Any]]:

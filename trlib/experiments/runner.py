@@ -23,6 +23,16 @@ What one run measures, and how:
   exactly the log of an uninterrupted run, bit for bit on the CPU (except the wall-clock
   ``time``; on CUDA, kernels need not be deterministic); a larger budget continues a finished
   run. A killed process loses at most the epoch in progress.
+* **nothing lost, nothing silently wrong** (:mod:`trlib.experiments.storage`): one process
+  writes a run at a time (a lock; a second one stops with :class:`RunLockedError`); every
+  file is replaced atomically, and temporary files a kill left behind are removed; the
+  checkpoint carries a checksum and the results file its record count and checksum, both
+  checked before use, and anything that fails ends in one line naming the file (and
+  ``--fresh`` where starting over is the way out). The checkpoint is written before the
+  results, whose records it always contains, so a damaged or stale results file is rewritten
+  from it; a finished run whose checkpoint is gone is returned from its results. A rerun with
+  a smaller budget than already spent changes nothing but the list of sessions in the
+  provenance, and warns (:class:`BudgetWarning`).
 * **several processes** (``torchrun ... --distributed``, :mod:`trlib.experiments.distributed`):
   the :class:`Trainer` talks to the other processes only through its communicator
   (:class:`SingleProcess`, or the data-parallel :class:`~trlib.experiments.distributed.Context`):
@@ -46,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import json
 import math
 import os
@@ -57,6 +66,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -70,16 +80,17 @@ from ..models import build_model, get_task
 from ..optim import NonFiniteLossError, TrustRegion
 from .configs import FIRST_ORDER, get_config
 from .distributed import load_data_on_rank0_first
-from .results import write_run
-from .storage import atomic_write
+from .results import RunFileError, read_run, write_run
+from .storage import (CheckpointError, RunLock, RunLockedError, load_checkpoint, remove_temporaries,
+                      save_checkpoint)
 
-__all__ = ["Budget", "parse_budget", "run", "load_data", "run_id", "Objective", "evaluate", "SingleProcess",
-           "Trainer", "TrainerState", "resolve_device"]
+__all__ = ["Budget", "BudgetWarning", "parse_budget", "run", "load_data", "run_id", "Objective", "evaluate",
+           "SingleProcess", "Trainer", "TrainerState", "resolve_device", "prepare_out", "RunFiles"]
 
 _UNITS = {"backprops": "backprops", "backprop": "backprops", "bp": "backprops",
           "epochs": "epochs", "epoch": "epochs", "ep": "epochs",
           "s": "seconds", "sec": "seconds", "secs": "seconds", "seconds": "seconds", "second": "seconds"}
-_CHECKPOINT_VERSION = 2
+_CHECKPOINT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -587,6 +598,7 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
     cfg = get_config(task, method, quick=quick, preset=preset, **dict(overrides or {}))
     if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
         raise ValueError(f"invalid seed {seed!r}: expected an int >= 0")
+    folder = prepare_out(out) if out is not None and main else None if out is None else Path(out)
     if datasets is None and distributed is not None:  # rank 0 first: it may download, the others follow it
         datasets = load_data_on_rank0_first(
             distributed, lambda d, v: load_data(task, d, device=device, root=data_root, verbose=verbose and v), data)
@@ -594,63 +606,202 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
                                                                  verbose=verbose)
     train, test = train.to(device), test.to(device)
     rid = run_id(task, method, train.name, seed)
-    paths = None
-    if out is not None:
-        folder = Path(out)
-        paths = folder / f"{rid}.jsonl", folder / "checkpoints" / f"{rid}.pt"
-        if main:
-            paths[1].parent.mkdir(parents=True, exist_ok=True)
-            if fresh:
-                for p in paths:
-                    p.unlink(missing_ok=True)
-        comm.barrier()  # nobody looks for a checkpoint before rank 0 has removed it
+    provenance = dict(task=task, method=method, seed=seed, config=cfg, budget=str(budget), status="running",
+                      dataset=dict(name=train.name, display_name=train.display_name, is_stand_in=train.is_stand_in,
+                                   stand_in_for=train.stand_in_for, n_train=len(train), n_test=len(test)),
+                      device=_device_name(device), device_type=device.type, threads=None,
+                      torch=str(torch.__version__), trlib=__version__, python=platform.python_version(),
+                      git_commit=_git_commit(), started=_now(), sessions=[], world_size=comm.world_size,
+                      distributed_backend=getattr(comm, "backend", None))
+    session = dict(started=provenance["started"], budget=str(budget), from_step=0)
     with _threads(threads):
+        provenance["threads"] = torch.get_num_threads()
         trainer = Trainer(cfg, train, test, device, seed, comm)
-        provenance = dict(task=task, method=method, seed=seed, config=cfg, budget=str(budget), status="running",
-                          dataset=dict(name=train.name, display_name=train.display_name,
-                                       is_stand_in=train.is_stand_in, stand_in_for=train.stand_in_for,
-                                       n_train=len(train), n_test=len(test)),
-                          device=_device_name(device), device_type=device.type, threads=torch.get_num_threads(),
-                          torch=str(torch.__version__), trlib=__version__, python=platform.python_version(),
-                          git_commit=_git_commit(), started=_now(), sessions=[_now()], world_size=comm.world_size,
-                          distributed_backend=getattr(comm, "backend", None))
-        if paths and paths[1].exists():
-            # on the CPU: RNG states must stay there; load_state_dict moves the rest to the device
-            ck = torch.load(paths[1], map_location="cpu", weights_only=True)
-            if ck.get("version") != _CHECKPOINT_VERSION or ck["config"] != cfg:
-                diff = sorted(k for k in set(cfg) | set(ck.get("config", {})) if cfg.get(k) != ck["config"].get(k))
-                raise ValueError(f"the checkpoint {paths[1]} belongs to a run with other settings (differing: "
-                                 f"{', '.join(diff) or 'checkpoint version'}); pass fresh=True (--fresh) to "
-                                 "start over, or another output folder")
-            ck_world = ck["provenance"].get("world_size", 1)
-            if ck_world != comm.world_size:
-                raise ValueError(f"the checkpoint {paths[1]} was written by a run over {ck_world} process(es); "
-                                 f"resume it with {ck_world} (this run has {comm.world_size}), or pass fresh=True "
-                                 "(--fresh)")
-            trainer.load_state_dict(ck)
+        if folder is None:
+            provenance["sessions"].append(session)
+            return _loop(trainer, budget, lambda status: None, progress, on_step, rid, distributed is not None)
+        files = RunFiles(folder, rid)
+        with _locked(files, comm, f"the run {rid} in {folder}"):
+            if main:
+                for path in (files.results, files.checkpoint):
+                    remove_temporaries(path)  # left by a killed writer of this run
+                    if fresh:
+                        path.unlink(missing_ok=True)
+            comm.barrier()  # nobody looks at the files before rank 0 has cleaned them
+            previous = _resume(trainer, files, budget, verbose)
+            if isinstance(previous, list):  # finished, and its checkpoint is gone or damaged
+                return previous
+            if previous is not None:
+                session["from_step"] = trainer.state.steps
+                provenance.update(started=previous["started"], sessions=list(previous["sessions"]),
+                                  budget=previous["budget"])
+            provenance["sessions"].append(session)
+
+            def save(status):
+                state = trainer.state_dict()  # on every process (data-parallel: averages BatchNorm statistics)
+                if not main:
+                    return
+                s = trainer.state
+                provenance.update(status=status, finished=_now() if status != "running" else None,
+                                  budget_spent=dict(backprops=s.backprops, data_passes=s.pass_samples / trainer.n,
+                                                    epochs=s.samples / trainer.n, seconds=s.seconds, steps=s.steps))
+                save_checkpoint(files.checkpoint, dict(state, provenance=provenance))
+                write_run(files.results, provenance, s.log)
+
+            idle = previous is not None and (trainer.exhausted(budget) or trainer.state.status == "diverged")
+            if idle:  # nothing to train: the run keeps its budget and status; this session is recorded
+                if main and trainer.state.status != "diverged" and trainer.spent(budget.unit) > budget.amount:
+                    warnings.warn(f"{rid} has already spent {trainer.spent(budget.unit):.6g} {budget.unit}, more "
+                                  f"than the budget {budget} asks for: nothing to do; its results and its budget "
+                                  f"({previous['budget']}) stay as they are", BudgetWarning, stacklevel=2)
+                save(previous["status"])
+                return [dict(r) for r in trainer.state.log]
+            provenance["budget"] = str(budget)
             if trainer.state.status == "complete":  # a larger budget continues it
                 trainer.state.status = "running"
-            provenance.update(started=ck["provenance"]["started"],
-                              sessions=ck["provenance"]["sessions"] + [_now()])
-            if verbose:
-                print(f"resuming {rid} from {paths[1]} ({trainer.state.steps} steps done)", file=sys.stderr)
+            return _loop(trainer, budget, save, progress, on_step, rid, distributed is not None)
 
-        def save(status):
-            if not paths:
-                return
-            state = trainer.state_dict()  # on every process (data-parallel: averages BatchNorm statistics)
-            if not main:
-                return
-            s = trainer.state
-            provenance.update(status=status, finished=_now() if status != "running" else None,
-                              budget_spent=dict(backprops=s.backprops, data_passes=s.pass_samples / trainer.n,
-                                                epochs=s.samples / trainer.n, seconds=s.seconds, steps=s.steps))
-            buffer = io.BytesIO()
-            torch.save(dict(state, provenance=provenance), buffer)
-            atomic_write(paths[1], buffer.getvalue())
-            write_run(paths[0], provenance, s.log)
 
-        return _loop(trainer, budget, save, progress, on_step, rid, distributed is not None)
+class BudgetWarning(UserWarning):
+    """A rerun asked for less than the run has already spent."""
+
+
+def prepare_out(out: Union[str, os.PathLike]) -> Path:
+    """The output folder ``out`` (and its ``checkpoints/``), created when missing; ValueError in one
+    line when it cannot hold results (a file, a folder that cannot be created or written)."""
+    folder = Path(out)
+    for path in (folder, folder / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"the output folder {path} is a file, not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create the output folder {path}: {err.strerror or err}") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"the output folder {path} is not writable")
+    return folder
+
+
+class RunFiles:
+    """Where the run ``rid`` lives in ``folder``: ``<rid>.jsonl`` (results), ``checkpoints/<rid>.pt``
+    and ``checkpoints/<rid>.lock``. ValueError when one of them is taken by a folder."""
+
+    def __init__(self, folder: Path, rid: str):
+        self.results = folder / f"{rid}.jsonl"
+        self.checkpoint = folder / "checkpoints" / f"{rid}.pt"
+        self.lock = folder / "checkpoints" / f"{rid}.lock"
+        for path in (self.results, self.checkpoint, self.lock):
+            if path.is_dir():
+                raise ValueError(f"{path} is a folder, where the run's file belongs; move it away or write to "
+                                 "another --out")
+
+
+@contextlib.contextmanager
+def _locked(files: RunFiles, comm, what: str):
+    """Hold the run's lock (rank 0) for the block; every process stops if rank 0 could not take it."""
+    lock, error = None, None
+    if comm.is_main:
+        try:
+            lock = RunLock(files.lock, what).__enter__()
+        except ValueError as err:
+            error = err
+    failed, _ = comm.agree(error is not None, 0.0)
+    if failed:
+        raise error if error is not None else RunLockedError(f"{what}: rank 0 could not lock it")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _covers(provenance: Dict[str, Any], budget: Budget) -> bool:
+    """Whether a finished run's recorded spending reaches ``budget`` (a diverged run is done)."""
+    if provenance.get("status") == "diverged":
+        return True
+    spent = (provenance.get("budget_spent") or {}).get(budget.unit)
+    if provenance.get("status") != "complete" or spent is None:
+        return False
+    if budget.unit == "epochs":
+        n = provenance["dataset"]["n_train"]
+        return round(spent * n) >= math.ceil(budget.amount * n - 1e-9)
+    return spent >= budget.amount
+
+
+def _resume(trainer: Trainer, files: RunFiles, budget: Budget, verbose: bool):
+    """Load what ``files`` hold into ``trainer``. Returns the checkpoint's provenance (resumed),
+    None (nothing there: a new run), or the records of a finished run whose checkpoint is gone
+    or damaged (returned as recorded, when they cover ``budget``). Raises ValueError in one line,
+    naming the file and offering ``--fresh``, for anything that cannot be resumed safely."""
+    fresh = "pass fresh=True (--fresh) to train the run again from the start"
+    results, results_problem = None, None
+    if files.results.exists():
+        try:
+            results = read_run(files.results)
+        except RunFileError as err:
+            results_problem = str(err)
+    if results is not None:
+        old = results.provenance.get("config")
+        if old != trainer.cfg:
+            diff = sorted(k for k in set(trainer.cfg) | set(old or {}) if trainer.cfg.get(k) != (old or {}).get(k))
+            raise ValueError(f"the results {files.results} belong to a run with other settings (differing: "
+                             f"{', '.join(diff)}); pass fresh=True (--fresh) to start over, or another output folder")
+        fresh += f" (it replaces {files.results.name}, which holds {len(results.records)} records)"
+    ck, ck_problem = None, None
+    if files.checkpoint.exists():
+        try:
+            ck = _checked(load_checkpoint(files.checkpoint), files.checkpoint, trainer)
+        except CheckpointError as err:
+            ck_problem = str(err)
+    elif results is not None or results_problem is not None:
+        ck_problem = f"{files.checkpoint}: missing"
+    if ck_problem is not None:
+        if results is not None and _covers(results.provenance, budget):
+            if verbose and files.checkpoint.exists():
+                print(f"warning: {ck_problem}; {files.results} holds the finished run, returned as it is "
+                      "(a larger budget needs --fresh)", file=sys.stderr)
+            return [dict(r) for r in results.records]
+        raise CheckpointError(f"{ck_problem}, so {files.results.name} cannot be continued; {fresh}"
+                              if results is not None or results_problem else f"{ck_problem}; {fresh}")
+    if ck is None:
+        return None
+    try:
+        trainer.load_state_dict(ck)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{files.checkpoint}: does not fit this run ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); {fresh}") from None
+    log = trainer.state.log
+    if results is not None and [json.dumps(r) for r in results.records] != [json.dumps(r) for r in
+                                                                            log[:len(results.records)]]:
+        raise CheckpointError(f"{files.results} holds records that its checkpoint {files.checkpoint} does not (the "
+                              f"checkpoint is older than the results, or belongs to another run); {fresh}")
+    if verbose:
+        if results_problem is not None:
+            print(f"note: {results_problem.split('; ')[0]}: rewritten from its checkpoint", file=sys.stderr)
+        print(f"resuming {files.results.stem} from {files.checkpoint} ({trainer.state.steps} steps done)",
+              file=sys.stderr)
+    return ck["provenance"]
+
+
+def _checked(ck, path: Path, trainer: Trainer) -> Dict[str, Any]:
+    """``ck`` if it is a checkpoint of this run; CheckpointError (or ValueError for other settings)."""
+    keys = ("version", "config", "state", "model", "optimizer", "rng", "provenance")
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of a run (no {missing[0]!r})")
+    if ck["version"] != _CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: written by another version of trlib (checkpoint format {ck['version']!r}, "
+                              f"this one reads {_CHECKPOINT_VERSION})")
+    cfg, old = trainer.cfg, ck["config"]
+    if old != cfg:
+        diff = sorted(k for k in set(cfg) | set(old) if cfg.get(k) != old.get(k))
+        raise ValueError(f"the checkpoint {path} belongs to a run with other settings (differing: "
+                         f"{', '.join(diff)}); pass fresh=True (--fresh) to start over, or another output folder")
+    world = ck["provenance"].get("world_size", 1)
+    if world != trainer.comm.world_size:
+        raise ValueError(f"the checkpoint {path} was written by a run over {world} process(es); resume it with "
+                         f"{world} (this run has {trainer.comm.world_size}), or pass fresh=True (--fresh)")
+    return ck
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:

@@ -112,7 +112,7 @@ def test_kills_at_every_point_of_a_write_then_resume_is_bit_for_bit(tmp_path, di
             def write(path, data):
                 saves["jsonl"] += 1
                 if saves["jsonl"] == at and point == "results half written":
-                    with open(storage._temporary(Path(path)), "wb") as f:
+                    with open(storage.temporary_path(Path(path)), "wb") as f:
                         f.write(data[: len(data) // 2])
                     die()
                 if saves["jsonl"] == at and point == "between the two files":

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import logging
 import os
 import random
@@ -51,6 +52,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from ._atomic import atomic_write
 
 __all__ = [
     "DATASETS",
@@ -569,9 +572,9 @@ def _load_mnist1d(root: Path, train: bool):
         arrays = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
         try:  # the cache is an optimisation: a read-only root still works
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            atomic_write(path, buffer.getvalue())
         except OSError:
             pass
     # The generated values are standardised reals (about -5.5..4.5); map the range of the

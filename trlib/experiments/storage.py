@@ -1,8 +1,9 @@
 """Files of a run, written so that nothing is lost and nothing damaged is trusted.
 
-* :func:`atomic_write`: every file is replaced in one step (a temporary file, flushed, then
-  renamed), so a reader sees the old file or the new one, never a part of one. A kill -9
-  can leave the temporary file behind: :func:`remove_temporaries` clears it.
+* :func:`atomic_write` (trlib's one atomic write; :mod:`trlib.data` uses it too): every file
+  is replaced in one step (a temporary file, flushed, then renamed), so a reader sees the old
+  file or the new one, never a part of one. A kill -9 can leave the temporary file behind:
+  :func:`remove_temporaries` clears it.
 * :class:`RunLock`: one writer per run. A second process on the same run stops at once with
   :class:`RunLockedError`, naming the process that holds the run (the operating system drops
   the lock when that process ends, however it ends).
@@ -36,6 +37,8 @@ import socket
 from pathlib import Path
 from typing import Any, Union
 
+from .._atomic import atomic_write, temporary_path
+
 __all__ = ["atomic_write", "remove_temporaries", "RunLock", "RunLockedError", "CheckpointError", "save_checkpoint",
            "load_checkpoint"]
 
@@ -49,36 +52,6 @@ class RunLockedError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be trusted (the message names the file and what is wrong)."""
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write(path: PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` in one step: a reader sees the old file or the new one, never
-    a part. The bytes go to a temporary file next to ``path`` (flushed to disk), which is then
-    renamed over ``path``; an exception (Ctrl-C included) removes the temporary file.
-
-    >>> import tempfile, pathlib
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
-    >>> atomic_write(path, b"first"); atomic_write(path, b"second"); path.read_bytes()
-    b'second'
-    """
-    path = Path(path)
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
 
 
 def remove_temporaries(path: PathLike) -> None:

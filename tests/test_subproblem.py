@@ -188,17 +188,20 @@ def test_float32_feasible_and_close(method, inst):
         assert model(H, g, s) <= _cauchy_value(H, g, radius, ellipsoid) + 1e-4 * scale
 
 
-def test_hard_case_cg_stalls_gltr_does_not():
-    # g orthogonal to the negative-curvature direction: CG never sees it.
+def test_hard_case_cg_stalls_gltr_with_certificate_does_not():
+    # g orthogonal to the negative-curvature direction: no Krylov space of g ever sees it.
     H = np.diag([-2.0, 1.0, 3.0, 5.0])
     g = np.array([0.0, 1.0, 1.0, 1.0])
     s_ref, lam = tr_reference(H, g, 10.0)
     best = model(H, g, s_ref)
     cg = _run(H, g, 10.0, None, "cg")
     gltr = _run(H, g, 10.0, None, "gltr")
+    certified = _run(H, g, 10.0, None, "gltr", certificate=True)
     exact = _run(H, g, 10.0, None, "exact")
     assert model(H, g, cg.step.numpy()) > best + 10  # stuck at the (interior) Newton point
-    assert abs(model(H, g, gltr.step.numpy()) - best) <= 1e-8 * abs(best)
+    assert model(H, g, gltr.step.numpy()) > best + 10 and gltr.iterations == 3  # the invariant space, no restart
+    assert abs(model(H, g, certified.step.numpy()) - best) <= 1e-8 * abs(best)
+    assert certified.iterations == 4 and certified.status == "hard_case"
     assert abs(model(H, g, exact.step.numpy()) - best) <= 1e-10 * abs(best)
     assert exact.status == "hard_case" and abs(exact.multiplier - 2.0) < 1e-10
 

@@ -12,23 +12,26 @@ from . import _startup
 _startup.quiet_interrupts()  # under `python -m trlib.experiments`: a Ctrl-C while torch loads ends in one line
 
 from . import curvature, lanczos, norms, region, subproblem
-from .curvature import FlatView, dense_hessian, flat_grad, frozen_batchnorm_stats
+from .curvature import FlatView, NonFiniteCurvatureError, Operator, dense_hessian, flat_grad, frozen_batchnorm_stats
 from .lanczos import smallest_eigenpair
 from .minimize import MinimizeResult, minimize
 from .norms import ellipsoid_norm, equivalence_constant, get_norm
 from .optim import NonFiniteLossError, TrustRegion
 from .region import RadiusRule
-from .subproblem import SubproblemResult, model_value, solve_subproblem
+from .subproblem import SubproblemResult, eigenpoint, model_value, solve_subproblem
 
 __all__ = [
     "TrustRegion",
     "minimize",
     "MinimizeResult",
     "NonFiniteLossError",
+    "NonFiniteCurvatureError",
     "solve_subproblem",
     "SubproblemResult",
     "model_value",
+    "eigenpoint",
     "RadiusRule",
+    "Operator",
     "FlatView",
     "flat_grad",
     "dense_hessian",

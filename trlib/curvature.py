@@ -13,6 +13,9 @@ which cost about one extra backpropagation each (Pearlmutter 1994). Two ways:
   :math:`H v = \frac{d}{d\epsilon} g(w + \epsilon v)|_{\epsilon=0}`. Needs the loss as a
   function of the parameters; stores no gradient graph between products.
 
+Both return an :class:`Operator`: the one object the solvers, the norms and the counters
+see (products, batched products, the dense matrix, scaling by an ellipsoid, counting).
+
 BatchNorm in train mode: both must see the *same* function as the gradient (batch
 statistics), and neither may update the running statistics once per product;
 :func:`frozen_batchnorm_stats` guarantees both (and lets ``torch.func`` trace at all).
@@ -37,6 +40,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "Operator",
+    "NonFiniteCurvatureError",
     "FlatView",
     "flat_grad",
     "hvp_double_backward",
@@ -48,7 +53,123 @@ __all__ = [
     "function_hvp",
 ]
 
-Operator = Callable[[Tensor], Tensor]
+
+class NonFiniteCurvatureError(FloatingPointError, ValueError):
+    """A Hessian-vector product returned NaN or inf: the curvature is undefined at this point."""
+
+    def __init__(self, message: str = "a Hessian-vector product returned NaN or inf: the curvature is not "
+                                      "defined at this point (e.g. |w|^1.5 at w = 0)"):
+        super().__init__(message)
+
+
+class Operator:
+    r"""A symmetric linear operator :math:`v \mapsto H v` on flat tensors of one size, dtype and device.
+
+    ``op(v)`` (or ``op.mv(v)``) is one product; ``op.batched(V)`` applies it to the rows of
+    ``V`` (vectorised when the source allows, else row by row); ``op.dense()`` is the matrix
+    (free for an operator made :meth:`from_matrix`, ``size`` products otherwise);
+    ``op.scaled(d)`` is :math:`DHD` with :math:`D = \operatorname{diag}(d)` (an ellipsoid's
+    change of variables); ``op.counted(counts)`` adds ``weight`` to ``counts[key]`` per product.
+
+    The output of every product is checked for its shape at once and for finiteness on the
+    device, without a host synchronisation: :meth:`check` raises
+    :class:`NonFiniteCurvatureError` if any product so far had a NaN or an inf.
+
+    >>> op = Operator.from_matrix(torch.tensor([[2.0, 0.0], [0.0, -1.0]]))
+    >>> counts = {"hvp": 0}
+    >>> op.scaled(torch.tensor([1.0, 2.0])).counted(counts)(torch.ones(2)).tolist(), counts
+    ([2.0, -4.0], {'hvp': 1})
+    """
+
+    def __init__(self, matvec: Callable[[Tensor], Tensor], size: int, *, dtype, device,
+                 batched: Optional[Callable[[Tensor], Tensor]] = None, matrix: Optional[Tensor] = None,
+                 parent: Optional["Operator"] = None):
+        self.size, self.dtype, self.device = int(size), dtype, torch.device(device)
+        self.matrix = matrix
+        self._matvec, self._batched = matvec, batched
+        self._root = parent is None  # only the operator around the user's callable checks its output
+        self._finite = parent._finite if parent is not None else [torch.ones((), dtype=torch.bool, device=device)]
+
+    @classmethod
+    def from_matrix(cls, matrix: Tensor) -> "Operator":
+        if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"Invalid hvp: a dense Hessian must be a square matrix, got {getattr(matrix, 'shape', matrix)!r}")
+        return cls(lambda v: matrix @ v, matrix.shape[0], dtype=matrix.dtype, device=matrix.device,
+                   batched=lambda vs: vs @ matrix.T, matrix=matrix)
+
+    def _checked(self, v: Tensor, hv) -> Tensor:
+        if self._root:
+            if not isinstance(hv, Tensor) or hv.shape != v.shape:
+                raise ValueError(f"Invalid hvp: returned {getattr(hv, 'shape', type(hv).__name__)} "
+                                 f"for a vector of shape {tuple(v.shape)}")
+            self._finite[0] = self._finite[0] & torch.isfinite(hv).all()
+        return hv
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self._checked(v, self._matvec(v))
+
+    __call__ = mv
+
+    def batched(self, vs: Tensor) -> Tensor:
+        """The products with the rows of ``vs`` (a ``m x size`` tensor), as rows."""
+        if self._batched is None:
+            return torch.stack([self.mv(v) for v in vs])
+        return self._checked(vs, self._batched(vs))
+
+    def dense(self, chunk: int = 64) -> Tensor:
+        """The ``size x size`` matrix (symmetrised when it is built from products)."""
+        if self.matrix is not None:
+            return self.matrix
+        eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+        rows = torch.cat([self.batched(eye[i:i + chunk]) for i in range(0, self.size, chunk)])
+        return 0.5 * (rows + rows.T)
+
+    def scaled(self, d: Tensor) -> "Operator":
+        """:math:`v \\mapsto d \\odot H (d \\odot v)`."""
+        return Operator(lambda v: d * self.mv(d * v), self.size, dtype=self.dtype, device=self.device,
+                        batched=lambda vs: d * self.batched(d * vs), parent=self,
+                        matrix=None if self.matrix is None else d[:, None] * self.matrix * d[None, :])
+
+    def counted(self, counts: Dict[str, float], key: str = "hvp", weight: float = 1) -> "Operator":
+        """The same operator, adding ``weight`` to ``counts[key]`` per product (a sub-sampled
+        product may weigh its fraction of the batch)."""
+        def mv(v):
+            counts[key] += weight
+            return self.mv(v)
+
+        def batched(vs):
+            counts[key] += weight * vs.shape[0]
+            return self.batched(vs)
+
+        return Operator(mv, self.size, dtype=self.dtype, device=self.device, batched=batched, matrix=self.matrix,
+                        parent=self)
+
+    @property
+    def finite(self) -> Tensor:
+        """A 0-d boolean on the device: every product so far was finite."""
+        return self._finite[0]
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteCurvatureError` if a product so far was not finite (one sync)."""
+        if not bool(self._finite[0]):
+            raise NonFiniteCurvatureError()
+        if self.matrix is not None and not bool(torch.all(torch.isfinite(self.matrix))):
+            raise NonFiniteCurvatureError("the dense Hessian contains NaN or inf")
+
+
+def as_operator(hvp, like: Tensor) -> Operator:
+    """An :class:`Operator` from an operator, a dense square tensor or a callable ``v -> H v``."""
+    if isinstance(hvp, Operator):
+        op = hvp
+    elif isinstance(hvp, Tensor):
+        op = Operator.from_matrix(hvp)
+    elif callable(hvp):
+        op = Operator(hvp, like.numel(), dtype=like.dtype, device=like.device, batched=getattr(hvp, "batched", None))
+    else:
+        raise ValueError("Invalid hvp: expected a callable v -> H v, a square tensor or a trlib.curvature.Operator")
+    if op.size != like.numel():
+        raise ValueError(f"Invalid hvp: an operator of size {op.size} for a gradient of size {like.numel()}")
+    return op
 
 
 class FlatView:
@@ -97,27 +218,28 @@ def hvp_double_backward(flat_gradient: Tensor, params: Sequence[Tensor]) -> Oper
     """``v -> H v`` by differentiating ``flat_gradient . v`` (the gradient must carry its graph).
 
     Each product is one backward pass through the gradient's graph; the graph is kept
-    (``retain_graph``) until the operator is dropped.
+    (``retain_graph``) until the operator is dropped. A gradient without a graph (a linear
+    loss) gives the zero operator.
     """
     view = FlatView(params)
-    if not flat_gradient.requires_grad:
-        # The gradient does not depend on the parameters (a linear loss, or create_graph
-        # was forgotten): callers that mean the former get the zero operator.
-        return lambda v: torch.zeros_like(v)
+    like = flat_gradient
 
     def hvp(v: Tensor) -> Tensor:
+        if not flat_gradient.requires_grad:
+            return torch.zeros_like(v)
         hv = torch.autograd.grad(flat_gradient, view.params, grad_outputs=v, retain_graph=True, allow_unused=True)
         return view.flatten(hv).detach()
 
     def batched(vs: Tensor) -> Tensor:
         # rows of vs at once (autograd vmaps the backward): for dense Hessians of small nets
+        if not flat_gradient.requires_grad:
+            return torch.zeros_like(vs)
         hv = torch.autograd.grad(flat_gradient, view.params, grad_outputs=vs, retain_graph=True,
                                  allow_unused=True, is_grads_batched=True)
         return torch.cat([torch.zeros(vs.shape[0], p.numel(), dtype=vs.dtype, device=vs.device) if h is None
                           else h.reshape(vs.shape[0], -1) for h, p in zip(hv, view.params)], dim=1).detach()
 
-    hvp.batched = batched
-    return hvp
+    return Operator(hvp, like.numel(), dtype=like.dtype, device=like.device, batched=batched)
 
 
 class _ClosureModule(nn.Module):
@@ -150,17 +272,37 @@ def functional_loss(closure: Callable[[], Tensor], module: nn.Module, params: Se
 
 
 def hvp_forward_over_reverse(f: Callable, params: Sequence[Tensor]) -> Operator:
-    """``v -> H v`` as ``jvp(grad(f))`` at ``params`` (each product re-runs forward and backward)."""
+    """``v -> H v`` as ``jvp(grad(f))`` at ``params`` (each product re-runs forward and backward).
+
+    Some losses have no forward-mode rule for their backward (``huber_loss``,
+    ``soft_margin_loss``) or a broken one (mean-reduced ``mse_loss``: "ZeroTensors are
+    immutable"). For those the products switch, on the first failure, to reverse-over-reverse
+    through ``torch.func.vjp`` of the gradient: the same product (the Hessian is symmetric) and
+    the same memory profile, at one more backward pass. A loss that neither mode can
+    differentiate twice ends in a ``ValueError`` that quotes torch's message.
+    """
     view = FlatView(params)
     primals = tuple(p.detach() for p in params)
     grad_f = torch.func.grad(f)
+    mode = ["jvp"]
+
+    def product(tangents):
+        if mode[0] == "jvp":
+            try:
+                return torch.func.jvp(grad_f, (primals,), (tangents,))[1]
+            except (NotImplementedError, RuntimeError) as exc:
+                if "forward AD" not in str(exc) and "ZeroTensor" not in str(exc):
+                    raise
+                mode[0] = "vjp"
+        try:
+            return torch.func.vjp(grad_f, primals)[1](tangents)[0]
+        except (NotImplementedError, RuntimeError) as exc:
+            raise ValueError(f"Invalid loss: the closure's loss cannot be differentiated twice ({exc})") from exc
 
     def hvp(v: Tensor) -> Tensor:
-        _, tangent_out = torch.func.jvp(grad_f, (primals,), (tuple(view.split(v)),))
-        return view.flatten(tangent_out)
+        return view.flatten(product(tuple(view.split(v))))
 
-    hvp.batched = torch.func.vmap(hvp)
-    return hvp
+    return Operator(hvp, view.numel, dtype=primals[0].dtype, device=primals[0].device)
 
 
 def hvp_linearized(f: Callable, params: Sequence[Tensor]) -> Operator:
@@ -169,11 +311,8 @@ def hvp_linearized(f: Callable, params: Sequence[Tensor]) -> Operator:
     view = FlatView(params)
     primals = tuple(p.detach() for p in params)
     _, jvp_fn = torch.func.linearize(lambda *ps: torch.func.grad(f)(ps), *primals)
-
-    def hvp(v: Tensor) -> Tensor:
-        return view.flatten(jvp_fn(*view.split(v)))
-
-    return hvp
+    return Operator(lambda v: view.flatten(jvp_fn(*view.split(v))), view.numel, dtype=primals[0].dtype,
+                    device=primals[0].device)
 
 
 @contextlib.contextmanager
@@ -196,24 +335,21 @@ def frozen_batchnorm_stats(module: Optional[nn.Module]):
             m.track_running_stats = s
 
 
-def dense_hessian(hvp: Operator, n: int, *, dtype=None, device=None, chunk: int = 64) -> Tensor:
+def dense_hessian(hvp, n: int, *, dtype=None, device=None, chunk: int = 64) -> Tensor:
     """The full ``n x n`` Hessian from ``n`` Hessian-vector products (symmetrised).
 
     For analysis of small networks only (chapter 2's diagonal mass): cost ``n`` backprops,
-    taken ``chunk`` at a time when the operator offers ``hvp.batched`` (the operators of
+    taken ``chunk`` at a time when the operator offers batched products (the operators of
     this module do; a vmapped backward is several times faster than a loop).
     """
-    eye = torch.eye(n, dtype=dtype, device=device)
-    batched = getattr(hvp, "batched", None)
-    if batched is not None:
-        rows = torch.cat([batched(eye[i:i + chunk]) for i in range(0, n, chunk)], dim=0)
-    else:
-        rows = torch.stack([hvp(eye[i]) for i in range(n)], dim=0)
-    return 0.5 * (rows + rows.T)
+    if not isinstance(hvp, Operator):
+        hvp = Operator(hvp, n, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
+                       batched=getattr(hvp, "batched", None))
+    return hvp.dense(chunk)
 
 
 def function_hvp(fun: Callable[[Tensor], Tensor], x: Tensor):
-    """For a function of one flat tensor: ``(value, gradient, hvp)`` at ``x`` by double backward.
+    """For a function of one flat tensor: ``(value, gradient, operator)`` at ``x`` by double backward.
 
     >>> value, grad, hvp = function_hvp(lambda x: (x ** 3).sum(), torch.tensor([1.0, 2.0]))
     >>> grad.tolist(), hvp(torch.ones(2)).tolist()
@@ -224,14 +360,5 @@ def function_hvp(fun: Callable[[Tensor], Tensor], x: Tensor):
         value = fun(x)
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError("Invalid fun: must return a scalar tensor")
-        (grad,) = torch.autograd.grad(value, x, create_graph=True, allow_unused=True)
-    if grad is None:
-        grad = torch.zeros_like(x)
-    if not grad.requires_grad:  # linear function: the Hessian is zero
-        return value.detach().reshape(()), grad.detach(), lambda v: torch.zeros_like(v)
-
-    def hvp(v: Tensor) -> Tensor:
-        (hv,) = torch.autograd.grad(grad, x, grad_outputs=v, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(v) if hv is None else hv.detach()
-
-    return value.detach().reshape(()), grad.detach(), hvp
+        grad = flat_grad(value, [x], create_graph=True)
+    return value.detach().reshape(()), grad.detach(), hvp_double_backward(grad, [x])

@@ -7,18 +7,20 @@ with the three-term relation
 
 .. math:: H Q_k = Q_k T_k + \beta_{k+1} q_{k+1} e_k^\top .
 
-Two choices make it dependable for trust regions (Gould, Lucidi, Roma & Toint 1999;
+Three choices make it dependable for trust regions (Gould, Lucidi, Roma & Toint 1999;
 Golub & Van Loan, §10.1):
 
 * *full reorthogonalisation* (twice, "twice is enough"): the basis stays orthonormal to
   working precision, so :math:`T_k` really is :math:`Q_k^\top H Q_k`;
-* *restart on breakdown*: when :math:`\beta_{k+1} \approx 0` the Krylov space is
-  invariant. Instead of stopping, a new block starts from a random vector orthogonal to
-  :math:`Q_k`; :math:`T` becomes block tridiagonal. This is what lets GLTR find
-  directions the gradient cannot see (the hard case, a zero gradient at a saddle) once
-  the gradient's Krylov space is exhausted. Before that, nothing in the Krylov space
-  reveals them: with an early-stopping tolerance a Krylov solver can stop first (see
-  :func:`trlib.solve_subproblem`).
+* *breakdown measured locally*: :math:`\beta_{k+1} \approx 0` (an invariant Krylov space)
+  is judged against the rounding of the product it came from, :math:`\|H q_k\|`, not
+  against :math:`\|H\|`: with a badly scaled ellipsoid the small eigenvalues are real
+  and resolvable in float32 long after :math:`\sqrt{\epsilon}\,\|H\|` would call them noise;
+* *new blocks on demand*: after a breakdown the next :meth:`Lanczos.step` starts a new
+  block from a random vector orthogonal to :math:`Q_k` (:math:`T` becomes block
+  tridiagonal), and :meth:`Lanczos.restart` cuts a block short the same way. This is
+  how directions the start vector cannot see (the hard case, a zero gradient at a saddle)
+  are found; a caller that needs no more simply stops calling :meth:`Lanczos.step`.
 
 Example: the smallest eigenvalue of a diagonal matrix.
 
@@ -39,6 +41,8 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
+from .curvature import NonFiniteCurvatureError
+
 __all__ = ["Lanczos", "smallest_eigenpair"]
 
 Operator = Callable[[Tensor], Tensor]
@@ -49,110 +53,132 @@ class Lanczos:
 
     Call :meth:`step` once per operator application. ``start`` may be zero (or None), in
     which case the first block starts from a random vector drawn with ``generator``.
+    ``alphas``/``betas`` hold :math:`T` (``betas[i]`` couples basis vectors ``i`` and
+    ``i + 1``, 0 between blocks), ``block_starts`` the first index of every block,
+    ``last_beta`` the coupling to the next vector (the Lanczos residual), ``scale`` a running
+    estimate of :math:`\\|H\\|`, ``k`` the number of products.
     """
 
-    def __init__(self, matvec: Operator, start: Tensor, *, generator: Optional[torch.Generator] = None):
-        if start.ndim != 1:
+    def __init__(self, matvec: Operator, start: Optional[Tensor], *, generator: Optional[torch.Generator] = None):
+        if start is None or start.ndim != 1:
             raise ValueError("Invalid start vector: must be a 1-D tensor")
         self.matvec = matvec
         self.n = start.numel()
         self.dtype, self.device = start.dtype, start.device
         self.generator = generator
         self.alphas: List[float] = []
-        self.betas: List[float] = []  # betas[i] couples basis vectors i and i+1 (0 between blocks)
+        self.betas: List[float] = []
         self.block_starts: List[int] = [0]
-        self.last_beta = 0.0  # the coupling to the next basis vector: the Lanczos residual
-        self.scale = 0.0  # a running estimate of ||H|| for relative tolerances
-        self.exhausted = False  # the basis spans the whole space
+        self.last_beta = 0.0
+        self.scale = 0.0
         self.k = 0
         self._basis = torch.empty((min(16, self.n + 1), self.n), dtype=self.dtype, device=self.device)
+        self._locked = self._basis[:0]  # vectors that new blocks stay orthogonal to (cut-off Lanczos vectors)
         self.start_norm = float(torch.linalg.vector_norm(start))
-        if self.start_norm > 0 and math.isfinite(self.start_norm):
-            self._basis[0] = start / self.start_norm
-        else:
+        self._pending = not (self.start_norm > 0 and math.isfinite(self.start_norm))  # next vector: random
+        if self._pending:
             self.start_norm = 0.0
-            self._basis[0] = self._random_orthogonal()
+        else:
+            self._basis[0] = start / self.start_norm
 
     @property
     def basis(self) -> Tensor:
         """The orthonormal Lanczos vectors, one per row (``k x n``)."""
         return self._basis[: self.k]
 
+    @property
+    def exhausted(self) -> bool:
+        """The basis (with the cut-off vectors) spans the whole space."""
+        return self.k + self._locked.shape[0] >= self.n
+
+    @property
+    def broke_down(self) -> bool:
+        """True when the last step ended a block (the Krylov space became invariant, or was cut)."""
+        return self._pending and self.k > 0
+
+    def _orthogonalise(self, w: Tensor, upto: int) -> Tensor:
+        for _ in range(2):  # "twice is enough"
+            for q in (self._basis[:upto], self._locked):
+                if q.shape[0]:
+                    w = w - q.T @ (q @ w)
+        return w
+
     def _random_orthogonal(self) -> Tensor:
         v = torch.randn(self.n, generator=self.generator, dtype=self.dtype,
-                        device=self.generator.device if self.generator is not None else "cpu")
-        v = v.to(self.device)
-        for _ in range(2):
-            if self.k > 0:
-                q = self._basis[: self.k]
-                v = v - q.T @ (q @ v)
+                        device=self.generator.device if self.generator is not None else "cpu").to(self.device)
+        v = self._orthogonalise(v, self.k)
         return v / torch.linalg.vector_norm(v)
-
-    def _grow(self):
-        if self.k + 1 >= self._basis.shape[0]:
-            bigger = torch.empty((min(2 * self._basis.shape[0], self.n + 1), self.n), dtype=self.dtype, device=self.device)
-            bigger[: self.k + 1] = self._basis[: self.k + 1]
-            self._basis = bigger
 
     def step(self) -> None:
         """One operator application: extends the basis by one vector (or ends a block)."""
         if self.exhausted:
             raise RuntimeError("Lanczos basis already spans the whole space")
         k = self.k
+        if self._pending:  # a new block
+            self._basis[k] = self._random_orthogonal()
+            self._pending = False
+            if k:
+                self.block_starts.append(k)
         q = self._basis[k]
         w = self.matvec(q)
+        size = torch.linalg.vector_norm(w)
         alpha = torch.dot(q, w)
-        w = w - alpha * q
-        # Full reorthogonalisation against every previous vector, twice.
-        basis = self._basis[: k + 1]
-        for _ in range(2):
-            w = w - basis.T @ (basis @ w)
+        w = self._orthogonalise(w - alpha * q, k + 1)
         beta = torch.linalg.vector_norm(w)
-        alpha_f, beta_f = (float(x) for x in torch.stack([alpha, beta]).cpu())  # the one sync per step
-        if not (math.isfinite(alpha_f) and math.isfinite(beta_f)):
-            raise FloatingPointError("Hessian-vector product returned a non-finite value")
+        alpha_f, beta_f, size_f = (float(x) for x in torch.stack([alpha, beta, size]).cpu())  # the one sync
+        if not (math.isfinite(alpha_f) and math.isfinite(beta_f) and math.isfinite(size_f)):
+            raise NonFiniteCurvatureError()
         self.alphas.append(alpha_f)
         self.scale = max(self.scale, abs(alpha_f), beta_f)
         self.k = k + 1
-        if self.k >= self.n:
-            self.exhausted = True
+        self.last_beta = beta_f
+        if self.k + 1 > self._basis.shape[0] and not self.exhausted:
+            bigger = torch.empty((min(2 * self._basis.shape[0], self.n + 1), self.n), dtype=self.dtype,
+                                 device=self.device)
+            bigger[: self.k] = self._basis[: self.k]
+            self._basis = bigger
+        if self.exhausted or beta_f <= 100 * torch.finfo(self.dtype).eps * size_f:
+            self.betas.append(0.0)  # invariant: what is left of w is rounding of the product
             self.last_beta = 0.0
-            self.betas.append(0.0)
-            return
-        self._grow()
-        eps = torch.finfo(self.dtype).eps
-        if beta_f <= math.sqrt(eps) * max(self.scale, 1e-30):
-            # Invariant subspace: start a new block orthogonal to everything so far.
-            self.last_beta = beta_f
-            self.betas.append(0.0)
-            self.block_starts.append(self.k)
-            self._basis[self.k] = self._random_orthogonal()
+            self._pending = True
         else:
-            self.last_beta = beta_f
             self.betas.append(beta_f)
             self._basis[self.k] = w / beta
 
-    @property
-    def broke_down(self) -> bool:
-        """True when the last step ended a block (the Krylov space became invariant)."""
-        return len(self.block_starts) > 1 and self.block_starts[-1] == self.k
+    def restart(self) -> None:
+        """End the current block here: the next step starts a new block from a random vector
+        orthogonal to the basis *and* to the next Lanczos vector, so :math:`T` stays exactly
+        the projection of :math:`H` onto the basis (block diagonal)."""
+        if self._pending or self.exhausted:
+            return
+        self._locked = torch.cat([self._locked, self._basis[self.k:self.k + 1].clone()])
+        self.betas[-1] = 0.0
+        self._pending = True
 
-    def eigh(self, first: int = 0):
-        """Eigenvalues (ascending) and eigenvectors of ``T[first:, first:]``.
+    def eigh(self, first: int = 0, last: Optional[int] = None):
+        """Eigenvalues (ascending) and eigenvectors of ``T[first:last, first:last]``.
 
-        A tridiagonal solver (LAPACK's MRRR through SciPy): ``O(k^2)`` and single-threaded,
-        where a dense ``eigh`` on a busy multi-core CPU costs milliseconds per call.
+        A tridiagonal solver (LAPACK's MRRR through SciPy, float64 whatever the operator's
+        dtype): ``O(k^2)`` and single-threaded.
         """
-        diagonal = np.asarray(self.alphas[first:self.k], dtype=np.float64)
-        off = np.asarray(self.betas[first:self.k - 1], dtype=np.float64)
+        last = self.k if last is None else last
+        diagonal = np.asarray(self.alphas[first:last], dtype=np.float64)
+        off = np.asarray(self.betas[first:last - 1], dtype=np.float64)
         if diagonal.size == 1:
             return diagonal.copy(), np.ones((1, 1))
         return eigh_tridiagonal(diagonal, off)
 
     def combine(self, coefficients: np.ndarray) -> Tensor:
         """:math:`Q_k^\\top c`: a vector of the Krylov space from its coordinates."""
-        c = torch.as_tensor(coefficients, dtype=self.dtype).to(self.device)
+        c = torch.as_tensor(np.asarray(coefficients), dtype=self.dtype).to(self.device)
         return self.basis.T @ c
+
+    def leftmost_residual(self) -> float:
+        """:math:`\\beta_{k+1} |y_k|` of the leftmost Ritz pair of the last block (0 after a breakdown)."""
+        if self._pending:
+            return 0.0
+        _, y = self.eigh(self.block_starts[-1])
+        return self.last_beta * abs(float(y[-1, 0]))
 
 
 def smallest_eigenpair(matvec: Operator, start: Tensor, *, max_iter: Optional[int] = None, rtol: float = 1e-6,
@@ -162,7 +188,9 @@ def smallest_eigenpair(matvec: Operator, start: Tensor, *, max_iter: Optional[in
     Stops when the Ritz residual :math:`\|H v - \theta v\| = \beta_{k+1}|y_k|` falls below
     ``rtol`` times the spectral scale seen so far, or after ``max_iter`` products
     (default: the dimension). Returns ``(value, vector, products)``; ``vector`` has unit
-    Euclidean norm. A zero ``start`` begins from a random vector.
+    Euclidean norm. A zero ``start`` begins from a random vector; a good guess of the
+    eigenvector (a Ritz vector of a nearby operator) costs only the products that bring its
+    residual below the tolerance.
     """
     n = start.numel()
     max_iter = n if max_iter is None else int(max_iter)
@@ -171,15 +199,8 @@ def smallest_eigenpair(matvec: Operator, start: Tensor, *, max_iter: Optional[in
     lz = Lanczos(matvec, start, generator=generator)
     while True:
         lz.step()
-        if lz.broke_down:
-            # The block just closed is invariant (exact), but the new one has not been
-            # explored: the leftmost eigenvalue may live in the complement.
-            done = lz.exhausted or lz.k >= max_iter
-        else:
-            # Earlier blocks are invariant; convergence is decided by the last one.
-            _, y_last = lz.eigh(lz.block_starts[-1])
-            residual = lz.last_beta * abs(y_last[-1, 0])
-            done = lz.exhausted or lz.k >= max_iter or residual <= rtol * max(lz.scale, 1e-30)
-        if done:
+        # After a breakdown the closed block is exact, but the complement is unexplored.
+        converged = not lz.broke_down and lz.leftmost_residual() <= rtol * max(lz.scale, 1e-30)
+        if lz.exhausted or lz.k >= max_iter or converged:
             theta, y = lz.eigh()
             return float(theta[0]), lz.combine(y[:, 0]), lz.k

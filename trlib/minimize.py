@@ -1,15 +1,18 @@
 r"""Deterministic trust-region minimisation of a function of one flat tensor.
 
-The same loop as :class:`trlib.TrustRegion` without mini-batches: gradients and
-Hessian-vector products of ``fun`` come from autograd, the subproblem from
-:func:`trlib.solve_subproblem`, the radius from :class:`trlib.RadiusRule`.
+The same iteration as :class:`trlib.TrustRegion` (:func:`trlib.region.iterate`) without
+mini-batches: gradients and Hessian-vector products of ``fun`` come from autograd, the
+subproblem from a :class:`trlib.subproblem.Solver` queried once per accepted point (a
+rejected step re-solves at the smaller radius: no new products for ``"gltr"``,
+``"exact"`` and ``"cauchy"``), the radius from :class:`trlib.RadiusRule`.
 
 Unlike a method that stops at the first point with a small gradient, it checks the
 curvature there: with :math:`\|g\| \le` ``gtol`` it sets :math:`g := 0` (Algorithm 1,
-step 4), estimates the Hessian's smallest eigenvalue by Lanczos and, if it is below
-:math:`-`\ ``htol`` (a test on the Hessian itself, whatever the region's norm), steps to the
-boundary along that eigenvector (the eigenpoint). So it leaves strict saddle points, where
-scipy's ``trust-krylov`` (which stops on the gradient test alone) stays.
+step 4), estimates the Hessian's smallest eigenvalue by Lanczos (started from the last
+subproblem's leftmost Ritz vector, so that an accurate one costs a few products) and, if it
+is below :math:`-`\ ``htol`` (a test on the Hessian itself, whatever the region's norm),
+steps to the boundary along that eigenvector (the eigenpoint). So it leaves strict saddle
+points, where scipy's ``trust-krylov`` (which stops on the gradient test alone) stays.
 
 Example: the Rosenbrock function.
 
@@ -29,11 +32,10 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
-from . import norms
-from .curvature import function_hvp
-from .region import RadiusRule, reduction_ratio
+from . import curvature, norms
 from .lanczos import smallest_eigenpair
-from .subproblem import METHODS, SubproblemResult, solve_subproblem
+from .region import RadiusRule, iterate
+from .subproblem import SubproblemResult, eigenpoint, get_solver
 
 __all__ = ["minimize", "MinimizeResult"]
 
@@ -42,8 +44,9 @@ __all__ = ["minimize", "MinimizeResult"]
 class MinimizeResult:
     """Like ``scipy.optimize.OptimizeResult``: the solution ``x``, its value ``fun``, the final
     ``grad_norm``, ``success`` and ``message``; iterations ``nit``; evaluations of the function
-    (``nfev``), its gradient (``ngev``) and Hessian-vector products (``nhvp``); the final
-    ``radius`` and a per-iteration ``history`` (value, radius, rho, acceptance, products)."""
+    (``nfev``), its gradient (``ngev``) and Hessian-vector products (``nhvp``, the final
+    curvature test included); the final ``radius`` and a per-iteration ``history`` (value,
+    radius, rho, acceptance, products)."""
 
     x: Tensor
     fun: float
@@ -62,6 +65,41 @@ class MinimizeResult:
                 f"nit={self.nit}, nfev={self.nfev}, ngev={self.ngev}, nhvp={self.nhvp}, message={self.message!r})")
 
 
+class _Point:
+    """The current point of ``fun``: value, gradient and counted curvature operator, built from
+    the one evaluation that also served as the trial (no second forward on acceptance)."""
+
+    def __init__(self, fun, x: Tensor):
+        self.counts = {"fun": 0, "grad": 0, "hvp": 0}
+        self.fun = fun
+        self._move(x)
+
+    def _evaluate(self, x: Tensor) -> Tensor:
+        self.counts["fun"] += 1
+        with torch.enable_grad():
+            value = self.fun(x)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError("Invalid fun: must return a scalar tensor")
+        return value.reshape(())
+
+    def _move(self, x: Tensor, value: Optional[Tensor] = None) -> None:
+        x = x.detach().requires_grad_(True) if value is None else x
+        value = self._evaluate(x) if value is None else value
+        self.counts["grad"] += 1
+        with torch.enable_grad():
+            grad = curvature.flat_grad(value, [x], create_graph=True)
+        self.x, self.f, self.grad = x, float(value.detach()), grad.detach()
+        self.op = curvature.as_operator(curvature.hvp_double_backward(grad, [x]), grad).counted(self.counts)
+
+    def trial(self, step: Tensor) -> float:
+        self._trial_x = (self.x.detach() + step).requires_grad_(True)
+        self._trial_value = self._evaluate(self._trial_x)
+        return float(self._trial_value.detach())
+
+    def accept(self) -> None:
+        self._move(self._trial_x, self._trial_value)
+
+
 def minimize(
     fun: Callable[[Tensor], Tensor],
     x0: Tensor,
@@ -78,6 +116,7 @@ def minimize(
     increase: float = 2.0,
     decrease: float = 4.0,
     max_krylov: Optional[int] = None,
+    certificate: bool = False,
     callback: Optional[Callable[[Tensor, dict], Optional[bool]]] = None,
 ) -> MinimizeResult:
     r"""Minimise ``fun(x)`` (a scalar tensor) from ``x0`` by a trust-region Newton method.
@@ -88,11 +127,13 @@ def minimize(
         method: subproblem solver: ``"gltr"`` (default), ``"cg"``, ``"cauchy"``, ``"exact"``.
         norm: the region's shape: None or ``"uniform"`` (sphere), ``"rms"``, ``"adagrad"``,
             ``"adam"``, a :class:`trlib.norms.Norm`, or a positive tensor (a fixed ellipsoid).
+            An adaptive norm folds in the gradient of every accepted point, once.
         gtol: stop when :math:`\|\nabla f\| \le` ``gtol`` and no curvature below ``-htol``.
         htol: tolerance on the smallest Hessian eigenvalue at a stationary point.
         max_iter: most iterations (accepted or rejected).
         radius, max_radius, eta1, eta2, increase, decrease: the radius rule (:class:`trlib.RadiusRule`).
         max_krylov: most products per subproblem (None: as many as needed).
+        certificate: GLTR's search for an exact hard case (:mod:`trlib.subproblem`).
         callback: ``callback(x, info)`` after every iteration; returning True stops.
 
     The Krylov tolerance is :math:`\min(1/2, \sqrt{\|g\|})`, which gives superlinear
@@ -100,8 +141,6 @@ def minimize(
     """
     if not isinstance(x0, Tensor) or x0.ndim != 1 or not x0.is_floating_point():
         raise ValueError("Invalid x0: expected a 1-D floating-point tensor")
-    if method not in METHODS:
-        raise ValueError(f"Invalid method: {method!r}; expected one of {METHODS}")
     for name, value in (("gtol", gtol), ("htol", htol)):
         if not (isinstance(value, (int, float)) and value >= 0):
             raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
@@ -110,79 +149,65 @@ def minimize(
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"Invalid radius: {radius!r} (must be a positive finite number)")
     rule = RadiusRule(eta1, eta2, increase, decrease, max_radius, grow_on_boundary_only=True)
+    generator = torch.Generator().manual_seed(0)
+    solver = get_solver(method, max_iter=max_krylov, generator=generator, certificate=certificate)
     shape = norms.get_norm(norm)
     norm_state = shape.init(x0)
-    generator = torch.Generator().manual_seed(0)
+    eps = torch.finfo(x0.dtype).eps
 
-    x = x0.detach().clone()
-    value, grad, hvp = function_hvp(fun, x)
-    nfev, ngev, nhvp = 1, 1, 0
-    f = float(value)
-    if not math.isfinite(f):
-        raise ValueError(f"Invalid x0: fun(x0) = {f}")
+    point = _Point(fun, x0)
+    if not math.isfinite(point.f):
+        raise ValueError(f"Invalid x0: fun(x0) = {point.f}")
     history: List[dict] = []
     message, success = "maximum number of iterations reached", False
+    fresh, saddle, last, spent = True, None, None, 0
     for it in range(max_iter):
-        ellipsoid = shape.update(norm_state, grad)
-        gnorm = float(torch.linalg.vector_norm(grad))
-        stationary = gnorm <= gtol
-        if stationary:
-            # Step 4 of Algorithm 1: with g := 0 only curvature can move us. The test is on the
-            # Hessian's own smallest eigenvalue (Lanczos from a random start), whatever the
-            # region's shape; the step is the eigenpoint, on the region's boundary.
-            lam_min, v, products = smallest_eigenpair(hvp, torch.zeros_like(grad), rtol=1e-8,
-                                                      max_iter=max_krylov, generator=generator)
-            nhvp += products
-            if lam_min >= -htol:
-                message, success = "converged: gradient below gtol, no curvature below -htol", True
-                break
-            step = v * (radius / float(norms.ellipsoid_norm(v, ellipsoid)))
-            if float(torch.dot(grad, step)) > 0:
-                step = -step
-            decrease = -(torch.dot(grad, step) + 0.5 * lam_min * torch.dot(step, step))
-            res = SubproblemResult(step, decrease, True, True, products, None, "eigenpoint")
+        if fresh:  # a new point: the norm and the solver look at it once
+            ellipsoid = (shape.update(norm_state, point.grad, hvp=point.op) if getattr(shape, "uses_curvature", False)
+                         else shape.update(norm_state, point.grad))
+            gnorm = float(torch.linalg.vector_norm(point.grad))
+            fresh, saddle = False, None
+            if gnorm > gtol:
+                last = solver.query(point.grad, point.op, ellipsoid)
+        if gnorm <= gtol:
+            if saddle is None:
+                # Step 4 of Algorithm 1: with g := 0 only curvature can move us. The test is on the
+                # Hessian's own smallest eigenvalue, whatever the region's shape.
+                guess = last.leftmost() if last is not None else None
+                start = torch.zeros_like(point.grad) if guess is None else guess[1]
+                lam_min, v, spent = smallest_eigenpair(point.op, start, rtol=1e-8, max_iter=max_krylov,
+                                                       generator=generator)
+                if lam_min >= -htol:
+                    message, success = "converged: gradient below gtol, no curvature below -htol", True
+                    break
+                saddle = (lam_min, v)
+
+            def solve(r, rtol, lam_min=saddle[0], v=saddle[1]):
+                step = eigenpoint(point.grad, r, lam_min, v, ellipsoid=ellipsoid)
+                gain = -(torch.dot(point.grad, step) + 0.5 * lam_min * torch.dot(step, step))
+                return SubproblemResult(step, gain, True, True, 0, None, "eigenpoint")
         else:
-            res = solve_subproblem(grad, hvp, radius, ellipsoid=ellipsoid, method=method,
-                                   rtol=min(0.5, math.sqrt(gnorm)), max_iter=max_krylov, generator=generator)
-            nhvp += res.iterations
-        decrease_model = float(res.model_decrease)
-        x_trial = (x + res.step).detach().requires_grad_(True)
-        with torch.enable_grad():
-            trial = fun(x_trial)
-        nfev += 1
-        f_trial = float(trial.detach())
-        rho = reduction_ratio(f, f_trial, decrease_model, eps=torch.finfo(x.dtype).eps)
-        used_radius = radius
-        step_norm = float(norms.ellipsoid_norm(res.step, ellipsoid))
-        radius, accepted = rule.update(radius, rho, res.on_boundary, step_norm)
-        if accepted:
-            x = x_trial.detach()
-            with torch.enable_grad():
-                (g_new,) = torch.autograd.grad(trial, x_trial, create_graph=True, allow_unused=True)
-            ngev += 1
-            if g_new is None:
-                g_new = torch.zeros_like(x)
-            grad_graph = g_new
-            grad = g_new.detach()
-
-            def hvp(v, grad_graph=grad_graph, x_trial=x_trial):
-                if not grad_graph.requires_grad:
-                    return torch.zeros_like(v)
-                (hv,) = torch.autograd.grad(grad_graph, x_trial, grad_outputs=v, retain_graph=True, allow_unused=True)
-                return torch.zeros_like(v) if hv is None else hv
-
-            f = f_trial
-        info = dict(iteration=it, fun=f, trial_fun=f_trial, radius=used_radius, rho=rho, accepted=accepted,
-                    grad_norm=gnorm, hvps=res.iterations, model_decrease=decrease_model, on_boundary=res.on_boundary,
-                    negative_curvature=res.negative_curvature, saddle_step=stationary)
+            solve = last.solve
+        used = radius
+        t = iterate(solve, point.trial, lambda: None, point.f, radius, rule, ellipsoid=ellipsoid,
+                    rtol=min(0.5, math.sqrt(gnorm)), eps=eps)
+        radius, res, spent = t.radius, t.result, spent + t.result.iterations
+        if t.accepted:
+            point.accept()
+            fresh = True
+        info = dict(iteration=it, fun=point.f, trial_fun=t.trial_loss, radius=used, rho=t.rho, accepted=t.accepted,
+                    grad_norm=gnorm, hvps=spent, model_decrease=float(res.model_decrease),
+                    on_boundary=res.on_boundary, negative_curvature=res.negative_curvature, saddle_step=gnorm <= gtol)
         history.append(info)
-        if callback is not None and callback(x, info):
+        spent = 0
+        if callback is not None and callback(point.x.detach(), info):
             message = "stopped by callback"
             break
-        if radius < 1e-14 * max(1.0, float(torch.linalg.vector_norm(x))):
+        if radius < 1e-14 * max(1.0, float(torch.linalg.vector_norm(point.x.detach()))):
             message = "radius fell below machine precision: no further progress possible"
-            success = float(torch.linalg.vector_norm(grad)) <= gtol
+            success = float(torch.linalg.vector_norm(point.grad)) <= gtol
             break
-    gnorm = float(torch.linalg.vector_norm(grad))
-    return MinimizeResult(x=x.detach(), fun=f, grad_norm=gnorm, success=success, message=message,
-                          nit=len(history), nfev=nfev, ngev=ngev, nhvp=nhvp, radius=radius, history=history)
+    c = point.counts
+    return MinimizeResult(x=point.x.detach(), fun=point.f, grad_norm=float(torch.linalg.vector_norm(point.grad)),
+                          success=success, message=message, nit=len(history), nfev=c["fun"], ngev=c["grad"],
+                          nhvp=c["hvp"], radius=radius, history=history)

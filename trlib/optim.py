@@ -1,17 +1,20 @@
 r"""``TrustRegion``: the stochastic ellipsoidal trust-region method (Algorithm 1) as a ``torch.optim.Optimizer``.
 
 One call of :meth:`TrustRegion.step` is one iteration of Algorithm 1 on the closure's
-mini-batch:
+mini-batch, in three phases:
 
-1. loss and gradient :math:`g_t` (kept differentiable for Hessian-vector products);
-2. the ellipsoid :math:`A_t` from the norm (RMSProp's by default; :mod:`trlib.norms`);
-3. if :math:`\|g_t\| \le` ``gtol``, :math:`g_t := 0` (step 4: curvature alone moves);
-4. an approximate solution :math:`s_t` of the subproblem (Eq. 7, :mod:`trlib.subproblem`);
-5. the trial loss :math:`\mathcal L(w_t + s_t)` on the *same* mini-batch, the ratio
-   :math:`\rho_t`, acceptance and the new radius (:mod:`trlib.region`).
+1. **evaluate**: the loss and gradient :math:`g_t` (kept differentiable) and the curvature
+   operator (:mod:`trlib.curvature`), all counted;
+2. **region**: the ellipsoid :math:`A_t` from the norm (RMSProp's by default; :mod:`trlib.norms`),
+   :math:`g_t := 0` if :math:`\|g_t\| \le` ``gtol`` (step 4: curvature alone moves), and the
+   subproblem solver queried there (:mod:`trlib.subproblem`);
+3. **iterate**: the step :math:`s_t`, the trial loss :math:`\mathcal L(w_t + s_t)` on the *same*
+   mini-batch, the ratio :math:`\rho_t`, acceptance (or the weights restored bit for bit) and
+   the new radius: :func:`trlib.region.iterate`, shared with :func:`trlib.minimize`.
 
 Work per iteration: 1 gradient (a forward and a backward, with graph) + ``k`` Hessian-
-vector products + 1 forward; ``opt.counts`` adds them up exactly.
+vector products + 1 forward; ``opt.counts`` adds them up exactly (by wrapping the closure
+and the operator).
 
 Example
 -------
@@ -36,10 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from . import curvature, norms
-from .region import RadiusRule, reduction_ratio
-from .subproblem import METHODS, solve_subproblem
+from .curvature import NonFiniteCurvatureError
+from .region import RadiusRule, iterate
+from .subproblem import METHODS, Cauchy, get_solver
 
-__all__ = ["TrustRegion", "NonFiniteLossError", "DEFAULTS"]
+__all__ = ["TrustRegion", "NonFiniteLossError", "NonFiniteCurvatureError", "DEFAULTS"]
 
 #: Default shrink factor per norm (the authors' MLP settings). The paper's initial radii
 #: (0.05 for the sphere, 1e-4 for RMSProp) only suit long runs of one problem's scale;
@@ -52,11 +56,33 @@ DEFAULTS: Dict[str, Dict[str, float]] = {
 }
 _FALLBACK = {"decrease": 1.5}
 _HVP_MODES = ("double_backward", "forward_over_reverse")
-_KEY = "trust_region"  # the optimizer-wide entry of self.state (round-trips through state_dict)
 
 
 class NonFiniteLossError(FloatingPointError, ValueError):
     """The closure returned NaN or inf at the current (accepted) parameters."""
+
+
+def _check(h: dict) -> None:
+    """Validate the hyperparameters of a param group (a clear ValueError naming the first bad one)."""
+    if h["radius"] is not None and not (isinstance(h["radius"], (int, float)) and math.isfinite(h["radius"])
+                                        and h["radius"] > 0):
+        raise ValueError(f"Invalid radius: {h['radius']!r} (must be a positive finite number, or None for automatic)")
+    RadiusRule(h["eta1"], h["eta2"], h["increase"], h["decrease"], h["max_radius"])  # validates those five
+    if h["radius"] is not None and h["radius"] > h["max_radius"]:
+        raise ValueError(f"Invalid radius: {h['radius']!r} exceeds max_radius={h['max_radius']!r}")
+    if h["method"] not in METHODS:
+        raise ValueError(f"Invalid method: {h['method']!r}; expected one of {METHODS}")
+    if not (isinstance(h["krylov_tol"], (int, float)) and 0 < h["krylov_tol"] < 1):
+        raise ValueError(f"Invalid krylov_tol: {h['krylov_tol']!r} (must lie in (0, 1))")
+    for name in ("max_krylov", "check_every"):
+        if not (isinstance(h[name], int) and h[name] >= 1):
+            raise ValueError(f"Invalid {name}: {h[name]!r} (must be a positive int)")
+    if not (isinstance(h["gtol"], (int, float)) and h["gtol"] >= 0):
+        raise ValueError(f"Invalid gtol: {h['gtol']!r} (must be >= 0)")
+    if h["hvp"] not in _HVP_MODES:
+        raise ValueError(f"Invalid hvp: {h['hvp']!r}; expected one of {_HVP_MODES}")
+    if not isinstance(h["seed"], int):
+        raise ValueError(f"Invalid seed: {h['seed']!r} (must be an int)")
 
 
 class TrustRegion(torch.optim.Optimizer):
@@ -64,14 +90,15 @@ class TrustRegion(torch.optim.Optimizer):
 
     Args:
         params: the parameters (a single group; like L-BFGS, one step couples them all).
+            Real float32 or float64 tensors, each given once.
         norm: the region's shape: ``"uniform"`` (sphere), ``"adagrad"``, ``"rms"`` (the
-            paper's), ``"adam"``, or a :class:`trlib.norms.Norm`.
+            paper's), ``"adam"``, or a :class:`trlib.norms.Norm` (recorded by its ``name``).
         radius: initial radius :math:`\Delta_0`. Default (None): the length
             :math:`\|\tilde g\|^3 / \tilde g^\top \tilde H \tilde g` of the first Cauchy step
             in the region's norm (one extra Hessian-vector product, once), which scales with
             the problem as the steps do; the paper's values (0.05 sphere, 1e-4 RMSProp) are
-            for long runs.
-        max_radius: cap on the radius.
+            for long runs. Writing ``param_groups[0]["radius"]`` later sets the live radius.
+        max_radius: cap on the radius (lowering it caps the live radius at the next step).
         eta1: accept the step when :math:`\rho \ge \eta_1`.
         eta2: grow the radius when :math:`\rho \ge \eta_2`.
         increase: growth factor (:math:`\gamma` of Algorithm 1).
@@ -84,13 +111,13 @@ class TrustRegion(torch.optim.Optimizer):
         beta, eps: the norm's decay rate and floor (see :mod:`trlib.norms`).
         gtol: gradients of norm at most ``gtol`` are set to zero (Algorithm 1, step 4).
         hvp: ``"double_backward"`` (works with any closure) or ``"forward_over_reverse"``
-            (needs ``module``).
+            (needs ``module``; no gradient graph is kept between products).
         module: the ``nn.Module`` the parameters belong to. Optional for double backward;
             when given, BatchNorm running statistics are frozen during trial evaluations,
-            so they move once per step.
+            so they move once per step. (Not a hyperparameter: not in the state dict.)
         check_every: CG looks at its stopping test once every this many products (on a GPU
             each look is a host-device synchronisation).
-        seed: seed of the generator for GLTR's random restarts.
+        seed: seed of the generator for GLTR's random vectors (restarts, certificate).
         distributed: data-parallel mode over ``torch.distributed`` (NCCL on GPUs, gloo on
             CPUs): each process evaluates the closure on its shard of the batch, and the
             loss, the gradient, every Hessian-vector product and the trial loss are averaged
@@ -98,13 +125,16 @@ class TrustRegion(torch.optim.Optimizer):
             equals a single process on the union of the shards (equal shard sizes).
         process_group: the group to reduce over (default: the world).
 
-    ``step(closure)``: ``closure()`` evaluates the mini-batch loss *without* calling
-    ``backward`` (the optimizer differentiates it, and calls it again at the trial point
-    under ``torch.no_grad()``). Returns the loss at the current point.
+    Every hyperparameter above except ``module``, ``distributed`` and ``process_group``
+    lives in ``defaults`` and in the param group, so ``state_dict()`` records it and
+    ``load_state_dict()`` checks it (a checkpoint of another norm is refused). The
+    optimizer's state (live radius, step count, counts, the norm's state, the generator) is
+    kept under the first parameter, as L-BFGS does.
 
     Attributes: ``radius`` (for the next step), ``counts`` (``"gradient"``, ``"hvp"``,
-    ``"forward"``: cumulative evaluations; a backprop is a gradient or a product),
-    ``last`` (the last step's radius, rho, acceptance, losses, model decrease, ...).
+    ``"forward"``: cumulative evaluations; ``"hvp"`` in units of full-batch products; a
+    backprop is a gradient or a product), ``backprops``, ``last`` (the last step's radius,
+    rho, acceptance, losses, model decrease, ...), ``ellipsoid``.
     """
 
     def __init__(self, params, *, norm="rms", radius: Optional[float] = None, max_radius: float = 10.0,
@@ -113,44 +143,130 @@ class TrustRegion(torch.optim.Optimizer):
                  eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
                  module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0,
                  distributed: bool = False, process_group=None):
-        rule_norm = norms.get_norm(norm, beta=beta, eps=eps)
-        name = rule_norm.name if rule_norm.name in DEFAULTS else None
+        shape = norms.get_norm(norm, beta=beta, eps=eps)
         if decrease is None:
-            decrease = DEFAULTS.get(name, _FALLBACK)["decrease"]
-        if radius is not None and not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
-            raise ValueError(f"Invalid radius: {radius!r} (must be a positive finite number, or None for automatic)")
-        RadiusRule(eta1, eta2, increase, decrease, max_radius)  # validates
-        if radius is not None and radius > max_radius:
-            raise ValueError(f"Invalid radius: {radius!r} exceeds max_radius={max_radius!r}")
-        if method not in METHODS:
-            raise ValueError(f"Invalid method: {method!r}; expected one of {METHODS}")
-        if not (isinstance(krylov_tol, (int, float)) and 0 < krylov_tol < 1):
-            raise ValueError(f"Invalid krylov_tol: {krylov_tol!r} (must lie in (0, 1))")
-        if not (isinstance(max_krylov, int) and max_krylov >= 1):
-            raise ValueError(f"Invalid max_krylov: {max_krylov!r} (must be a positive int)")
-        if not (isinstance(gtol, (int, float)) and gtol >= 0):
-            raise ValueError(f"Invalid gtol: {gtol!r} (must be >= 0)")
-        if hvp not in _HVP_MODES:
-            raise ValueError(f"Invalid hvp: {hvp!r}; expected one of {_HVP_MODES}")
+            decrease = DEFAULTS.get(shape.name, _FALLBACK)["decrease"]
+        defaults = dict(norm=shape.name, radius=None if radius is None else float(radius), max_radius=max_radius,
+                        eta1=eta1, eta2=eta2, increase=increase, decrease=decrease, method=method,
+                        krylov_tol=krylov_tol, max_krylov=max_krylov, beta=getattr(shape, "beta", beta),
+                        eps=getattr(shape, "eps", eps), gtol=gtol, hvp=hvp, check_every=check_every, seed=seed)
+        _check(defaults)
         if hvp == "forward_over_reverse" and module is None:
             raise ValueError("Invalid module: hvp='forward_over_reverse' needs the nn.Module (module=model)")
-        if not (isinstance(check_every, int) and check_every >= 1):
-            raise ValueError(f"Invalid check_every: {check_every!r} (must be a positive int)")
         if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("Invalid distributed: torch.distributed is not initialized "
                              "(call torch.distributed.init_process_group first, e.g. under torchrun)")
-        defaults = dict(radius=None if radius is None else float(radius), max_radius=max_radius, eta1=eta1, eta2=eta2, increase=increase,
-                        decrease=decrease, method=method, krylov_tol=krylov_tol, max_krylov=max_krylov,
-                        gtol=gtol, hvp=hvp, check_every=check_every)
+        params = list(params)
+        tensors = [p for p in params if isinstance(p, Tensor)]
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError("Invalid params: a parameter appears more than once (its step would be applied twice)")
+        for p in tensors:
+            if p.is_complex() or p.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"Invalid params: TrustRegion needs float32 or float64 parameters, got {p.dtype} "
+                                 "(keep the weights in float32 and use torch.autocast for speed)")
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("TrustRegion doesn't support per-parameter options (parameter groups)")
-        self.norm = rule_norm
+        self.norm, self._named_norm = shape, isinstance(norm, str) or norm is None
         self.module = module
-        self._seed = int(seed)
-        self._backup = None
         self.distributed = bool(distributed)
         self.process_group = process_group
+
+    # ------------------------------------------------------------------ state
+    def _params(self):
+        return [p for p in self.param_groups[0]["params"] if p.requires_grad]
+
+    def _state(self, create: bool = False) -> dict:
+        """The optimizer-wide state, kept under the first parameter ({} before the first step)."""
+        st = self.state[self.param_groups[0]["params"][0]]
+        if create and not st:
+            params = self._params()
+            if not params:
+                raise ValueError("TrustRegion got no parameters that require grad")
+            group = self.param_groups[0]
+            like = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+            st.update(radius=group["radius"], initial_radius=group["radius"], steps=0, size=like.numel(),
+                      counts={"gradient": 0, "hvp": 0, "forward": 0}, last={}, norm_state=self.norm.init(like),
+                      generator=torch.Generator().manual_seed(group["seed"]).get_state())
+        return st
+
+    @property
+    def radius(self) -> Optional[float]:
+        """The radius the next step will use (None before an automatic first radius is set)."""
+        return self._state().get("radius", self.param_groups[0]["radius"])
+
+    @property
+    def counts(self) -> Dict[str, float]:
+        """Cumulative ``gradient``, ``hvp`` and ``forward`` (loss-only) evaluations."""
+        return dict(self._state().get("counts", {"gradient": 0, "hvp": 0, "forward": 0}))
+
+    @property
+    def backprops(self) -> float:
+        """Gradients plus Hessian-vector products: the paper's unit of work."""
+        c = self.counts
+        return c["gradient"] + c["hvp"]
+
+    @property
+    def last(self) -> dict:
+        """The last step: ``radius``, ``rho``, ``accepted``, ``loss``, ``trial_loss``,
+        ``model_decrease``, ``iterations``, ``on_boundary``, ``negative_curvature``, ``grad_norm``, ``status``."""
+        return dict(self._state().get("last", {}))
+
+    @property
+    def ellipsoid(self) -> Optional[Tensor]:
+        """The ellipsoid of the last step (None for the sphere or before the first step)."""
+        st = self._state()
+        return self.norm.ellipsoid(st["norm_state"]) if st else None
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a checkpoint of this optimizer, after checking that it is one (a clear ValueError if not)."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("Invalid state_dict: expected the dict of TrustRegion.state_dict() "
+                             "(keys 'state' and 'param_groups')")
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, list) or len(groups) != 1:
+            raise ValueError("Invalid state_dict: a TrustRegion checkpoint has exactly one param group")
+        missing = [k for k in self.defaults if k not in groups[0]]
+        if missing:
+            raise ValueError(f"Invalid state_dict: the param group lacks {missing} (not a TrustRegion checkpoint?)")
+        if groups[0]["norm"] != self.norm.name:
+            raise ValueError(f"Invalid state_dict: saved with norm {groups[0]['norm']!r}, but this optimizer's "
+                             f"norm is {self.norm.name!r}")
+        _check(groups[0])
+        if groups[0]["hvp"] == "forward_over_reverse" and self.module is None:
+            raise ValueError("Invalid state_dict: hvp='forward_over_reverse' needs the nn.Module (module=model)")
+        super().load_state_dict(state_dict)
+        group = self.param_groups[0]
+        if self._named_norm:  # the checkpoint's beta and eps now rule
+            self.norm = norms.get_norm(group["norm"], beta=group["beta"], eps=group["eps"])
+        st = self._state()
+        if st:
+            self._check_state(st)
+
+    def _check_state(self, st: dict) -> None:
+        keys = {"radius", "initial_radius", "steps", "size", "counts", "last", "norm_state", "generator"}
+        if not keys <= set(st):
+            raise ValueError(f"Invalid state_dict: the optimizer state lacks {sorted(keys - set(st))}")
+        r = st["radius"]
+        if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+            raise ValueError(f"Invalid state_dict: radius {r!r} (must be positive and finite)")
+        if set(st["counts"]) != {"gradient", "hvp", "forward"}:
+            raise ValueError(f"Invalid state_dict: counts {st['counts']!r}")
+        params = self._params()
+        like = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        template = self.norm.init(like)
+        saved = st["norm_state"]
+        if st["size"] != like.numel():
+            raise ValueError(f"Invalid state_dict: saved for {st['size']} parameters, this optimizer has "
+                             f"{like.numel()} (a checkpoint of another model?)")
+        if set(saved) != set(template) or any(saved[k].shape != v.shape for k, v in template.items()):
+            raise ValueError(f"Invalid state_dict: the norm state does not fit this {self.norm.name!r} norm on "
+                             f"{like.numel()} parameters (a checkpoint of another model?)")
+        if not all(bool(torch.all(torch.isfinite(v))) for v in saved.values()):
+            raise ValueError("Invalid state_dict: the norm state contains NaN or inf")
+        # torch moved every tensor to the first parameter's device and dtype: restore the templates'
+        st["norm_state"] = {k: saved[k].to(dtype=v.dtype) for k, v in template.items()}
+        st["generator"] = st["generator"].to("cpu", torch.uint8)
 
     def _mean(self, tensor: Tensor) -> Tensor:
         """The average over processes (identity when not distributed): one all-reduce."""
@@ -160,83 +276,10 @@ class TrustRegion(torch.optim.Optimizer):
         torch.distributed.all_reduce(tensor, group=self.process_group)
         return tensor.div_(torch.distributed.get_world_size(self.process_group))
 
-    # ------------------------------------------------------------------ state
-    def _params(self):
-        return [p for p in self.param_groups[0]["params"] if p.requires_grad]
-
-    def _global(self) -> dict:
-        st = self.state[_KEY]
-        if not st:
-            params = self._params()
-            if not params:
-                raise ValueError("TrustRegion got no parameters that require grad")
-            like = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-            st.update(radius=self.param_groups[0]["radius"], steps=0,
-                      counts={"gradient": 0, "hvp": 0, "forward": 0}, last={},
-                      norm_state=self.norm.init(like),
-                      generator=torch.Generator().manual_seed(self._seed).get_state())
-        return st
-
-    @property
-    def radius(self) -> Optional[float]:
-        """The radius the next step will use (None before an automatic first radius is set)."""
-        return self._global()["radius"]
-
-    @property
-    def counts(self) -> Dict[str, int]:
-        """Cumulative ``gradient``, ``hvp`` and ``forward`` (loss-only) evaluations."""
-        return dict(self._global()["counts"])
-
-    @property
-    def backprops(self) -> int:
-        """Gradients plus Hessian-vector products: the paper's unit of work."""
-        c = self._global()["counts"]
-        return c["gradient"] + c["hvp"]
-
-    @property
-    def last(self) -> dict:
-        """The last step: ``radius``, ``rho``, ``accepted``, ``loss``, ``trial_loss``,
-        ``model_decrease``, ``iterations``, ``on_boundary``, ``negative_curvature``, ``grad_norm``, ``status``."""
-        return dict(self._global()["last"])
-
-    @property
-    def ellipsoid(self) -> Optional[Tensor]:
-        """The ellipsoid of the last step (None for the sphere or before the first step)."""
-        return self.norm.ellipsoid(self._global()["norm_state"])
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        st = self.state.get(_KEY)
-        params = self._params()
-        if st and params:  # the optimizer-wide entry is not moved by torch: follow the parameters
-            st["norm_state"] = {k: v.to(params[0].device) if v.is_floating_point() and v.ndim else v
-                                for k, v in st["norm_state"].items()}
-
-    @staticmethod
-    def _first_radius(grad: Tensor, hvp, ellipsoid: Optional[Tensor], max_radius: float) -> float:
-        # The Cauchy step's length in the region's variables u = A^{1/2} s: invariant to
-        # rescaling the loss for the sphere, and scaling like ||s||_A for adaptive norms.
-        scale = None if ellipsoid is None else ellipsoid.rsqrt()
-        g = grad if scale is None else grad * scale
-        gnorm = float(torch.linalg.vector_norm(g))
-        if gnorm == 0.0:
-            return min(1.0, max_radius)
-        hg = hvp(g if scale is None else g * scale)
-        curvature = float(torch.dot(g, hg if scale is None else hg * scale))
-        radius = gnorm**3 / curvature if curvature > 0 and math.isfinite(curvature) else gnorm
-        return float(min(max(radius, 1e-12), max_radius))
-
-    # ------------------------------------------------------------------ the step
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        if closure is None or not callable(closure):
-            raise ValueError("TrustRegion.step needs a closure that returns the mini-batch loss (no backward inside)")
-        group = self.param_groups[0]
-        params = self._params()
-        st = self._global()
-        counts = st["counts"]
-        view = curvature.FlatView(params)
+    # ------------------------------------------------------------------ the three phases
+    def _evaluate(self, closure, group, params, counts, steps):
+        """Loss, gradient (averaged over processes) and the counted curvature operator."""
         double_backward = group["hvp"] == "double_backward"
-
         with torch.enable_grad():
             loss = closure()
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -247,7 +290,7 @@ class TrustRegion(torch.optim.Optimizer):
         loss_value = float(self._mean(loss.detach()))
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
-                f"the loss is {loss_value} at the current parameters (step {st['steps']}); the weights were not "
+                f"the loss is {loss_value} at the current parameters (step {steps}); the weights were not "
                 "changed. Check the mini-batch and the model's outputs for NaN/inf (a warm-up phase with too large "
                 "a learning rate is a common cause).")
         with torch.enable_grad():
@@ -255,66 +298,115 @@ class TrustRegion(torch.optim.Optimizer):
         counts["gradient"] += 1
         grad = self._mean(grad_graph.detach())
         if not bool(torch.all(torch.isfinite(grad))):
-            raise NonFiniteLossError(f"the gradient contains NaN/inf at the current parameters (step {st['steps']})")
-
+            raise NonFiniteLossError(f"the gradient contains NaN/inf at the current parameters (step {steps})")
         if double_backward:
-            hvp = curvature.hvp_double_backward(grad_graph, params)
+            op = curvature.hvp_double_backward(grad_graph, params)
         else:
-            f = curvature.functional_loss(closure, self.module, params)
-            raw = curvature.hvp_forward_over_reverse(f, params)
+            raw = curvature.hvp_forward_over_reverse(curvature.functional_loss(closure, self.module, params), params)
 
-            def hvp(v, raw=raw):
+            def frozen(v):
                 with curvature.frozen_batchnorm_stats(self.module):
                     return raw(v)
 
+            op = curvature.Operator(frozen, raw.size, dtype=raw.dtype, device=raw.device)
         if self.distributed:
-            local_hvp = hvp
+            local = op
+            op = curvature.Operator(lambda v: self._mean(local(v)), op.size, dtype=op.dtype, device=op.device)
+        return loss, loss_value, grad, curvature.as_operator(op, grad).counted(counts, "hvp")
 
-            def hvp(v, local_hvp=local_hvp):
-                return self._mean(local_hvp(v))
+    def _region(self, group, st, grad, op):
+        """The ellipsoid (on a copy of the norm's state), the model gradient and the radius; the
+        state itself changes only once the step is done."""
+        norm_state = {k: v.clone() for k, v in st["norm_state"].items()}
+        if getattr(self.norm, "uses_curvature", False):
+            ellipsoid = self.norm.update(norm_state, grad, hvp=op)
+        else:
+            ellipsoid = self.norm.update(norm_state, grad)
+        model_grad = torch.zeros_like(grad) if float(torch.linalg.vector_norm(grad)) <= group["gtol"] else grad
+        # writing the group's radius sets the live radius
+        radius = group["radius"] if group["radius"] != st["initial_radius"] else st["radius"]
+        cauchy = None
+        if radius is None:
+            # The Cauchy step's length in the region's variables u = A^{1/2} s: invariant to rescaling
+            # the loss for the sphere, and scaling like ||s||_A for adaptive norms.
+            cauchy = Cauchy().query(model_grad, op, ellipsoid)
+            length = cauchy.gnorm**3 / cauchy.curvature if cauchy.curvature > 0 else cauchy.gnorm
+            radius = float(min(max(length, 1e-12), group["max_radius"])) if cauchy.gnorm > 0 else 1.0
+        return norm_state, ellipsoid, model_grad, min(radius, group["max_radius"]), cauchy
 
-        ellipsoid = self.norm.update(st["norm_state"], grad)
-        grad_norm = float(torch.linalg.vector_norm(grad))
-        model_grad = torch.zeros_like(grad) if grad_norm <= group["gtol"] else grad
-        if st["radius"] is None:
-            st["radius"] = self._first_radius(model_grad, hvp, ellipsoid, group["max_radius"])
-            counts["hvp"] += 1
-        radius = st["radius"]
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        """One iteration of Algorithm 1 on the closure's mini-batch.
+
+        Args:
+            closure: a function of no arguments that computes the loss on the current
+                mini-batch and returns it as a scalar tensor, **without** calling
+                ``backward()`` and without ``zero_grad()``: the optimizer differentiates the
+                loss itself (keeping the graph for Hessian-vector products) and calls the
+                closure a second time, under ``torch.no_grad()``, at the trial point
+                :math:`w + s`. Both calls must evaluate the same mini-batch. Required.
+
+        Returns:
+            The loss at the current point, before the step (detached; in data-parallel mode,
+            this process's; ``last["loss"]`` holds the average).
+
+        Raises:
+            NonFiniteLossError: the loss or gradient is NaN/inf at the current point.
+            NonFiniteCurvatureError: a Hessian-vector product is NaN/inf.
+            In both cases the weights and the optimizer's state are left as they were
+            (the work spent is counted). ``ValueError`` for a closure that breaks the contract.
+        """
+        if closure is None or not callable(closure):
+            raise ValueError("TrustRegion.step needs a closure that returns the mini-batch loss (no backward inside)")
+        group = self.param_groups[0]
+        params = self._params()
+        st = self._state(create=True)
+        if sum(p.numel() for p in params) != st["size"]:
+            raise ValueError(f"Invalid params: the parameters that require grad changed since the first step "
+                             f"({st['size']} then, {sum(p.numel() for p in params)} now)")
+        counts = st["counts"]
+        loss, loss_value, grad, op = self._evaluate(closure, group, params, counts, st["steps"])
+        norm_state, ellipsoid, model_grad, radius, cauchy = self._region(group, st, grad, op)
         generator = torch.Generator()
         generator.set_state(st["generator"])
-        result = solve_subproblem(model_grad, hvp, radius, ellipsoid=ellipsoid, method=group["method"],
-                                  rtol=min(group["krylov_tol"], math.sqrt(grad_norm)) if grad_norm > 0 else group["krylov_tol"],
-                                  max_iter=group["max_krylov"] if group["method"] != "exact" else None,
-                                  check_every=group["check_every"], generator=generator)
-        st["generator"] = generator.get_state()
-        counts["hvp"] += result.iterations
-        del hvp, grad_graph  # frees the gradient's graph before the trial forward
+        grad_norm = float(torch.linalg.vector_norm(grad))
+        rtol = min(group["krylov_tol"], math.sqrt(grad_norm)) if grad_norm > 0 else group["krylov_tol"]
+        solver = cauchy if cauchy is not None and group["method"] == "cauchy" else get_solver(
+            group["method"], rtol=rtol, max_iter=group["max_krylov"] if group["method"] != "exact" else None,
+            check_every=group["check_every"], generator=generator).query(model_grad, op, ellipsoid)
 
-        step = result.step
-        model_decrease = float(result.model_decrease)
-        trial_value = math.nan
-        stepped = bool(torch.all(torch.isfinite(step))) and math.isfinite(model_decrease)
-        if stepped:  # a non-finite step never touches the weights: it is a rejection
-            if self._backup is None or len(self._backup) != len(params):
-                self._backup = [torch.empty_like(p) for p in params]
+        view = curvature.FlatView(params)
+        if getattr(self, "_backup", None) is None or [b.shape for b in self._backup] != [p.shape for p in params]:
+            self._backup = [torch.empty_like(p) for p in params]
+        moved = []
+
+        def trial(step):
             with torch.no_grad():
                 torch._foreach_copy_(self._backup, [p.detach() for p in params])
-                view.add_(step)
-                with curvature.frozen_batchnorm_stats(self.module):
-                    trial = closure()
+            view.add_(step)
+            moved.append(True)
+            with torch.no_grad(), curvature.frozen_batchnorm_stats(self.module):
+                value = closure()
             counts["forward"] += 1
-            trial_value = float(self._mean(trial.detach()))
-        rho = reduction_ratio(loss_value, trial_value, model_decrease, eps=torch.finfo(loss.dtype).eps)
-        rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
-        step_norm = float(norms.ellipsoid_norm(step, ellipsoid)) if stepped else math.inf
-        new_radius, accepted = rule.update(radius, rho, result.on_boundary, step_norm)
-        if stepped and not accepted:  # restore bit for bit (w + s - s need not equal w)
+            return float(self._mean(value.detach()))
+
+        def undo():  # bit for bit (w + s - s need not equal w)
             with torch.no_grad():
                 torch._foreach_copy_(params, self._backup)
-        st["radius"] = new_radius
-        st["steps"] += 1
-        st["last"] = dict(radius=radius, rho=rho, accepted=accepted, loss=loss_value, trial_loss=trial_value,
-                          model_decrease=model_decrease, iterations=result.iterations,
-                          on_boundary=result.on_boundary, negative_curvature=result.negative_curvature,
-                          grad_norm=grad_norm, status=result.status)
+            moved.clear()
+
+        rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
+        try:
+            t = iterate(solver.solve, trial, undo, loss_value, radius, rule, ellipsoid=ellipsoid, rtol=rtol,
+                        eps=torch.finfo(loss.dtype).eps)
+        except BaseException:
+            if moved:
+                undo()
+            raise
+        result = t.result
+        st.update(radius=t.radius, initial_radius=group["radius"], steps=st["steps"] + 1, norm_state=norm_state,
+                  generator=generator.get_state(),
+                  last=dict(radius=radius, rho=t.rho, accepted=t.accepted, loss=loss_value,
+                            trial_loss=t.trial_loss, model_decrease=float(result.model_decrease),
+                            iterations=result.iterations, on_boundary=result.on_boundary,
+                            negative_curvature=result.negative_curvature, grad_norm=grad_norm, status=result.status))
         return loss.detach()

@@ -1,4 +1,5 @@
-r"""The radius rule shared by :func:`trlib.minimize` and :class:`trlib.TrustRegion`.
+r"""The radius rule, and the one trust-region iteration that :func:`trlib.minimize` and
+:class:`trlib.TrustRegion` share.
 
 After a trial step :math:`s_t` with model decrease :math:`m_t(0) - m_t(s_t) > 0`, the
 agreement between function and model is
@@ -10,10 +11,13 @@ The step is accepted when :math:`\rho_t \ge \eta_1`; the radius grows by ``incre
 when the step is rejected (Algorithm 1; Conn, Gould & Toint 2000, Alg. 6.1.1). The
 deterministic :func:`trlib.minimize` grows it only after steps that reached the boundary.
 
-Two guards the authors' code lacked: a non-finite trial loss is a rejection (never
-an accepted step), and decreases at rounding level count as agreement (see
+Guards the authors' code lacked: a non-finite trial loss is a rejection (never an
+accepted step); decreases at rounding level count as agreement (see
 :func:`reduction_ratio`) instead of dividing noise by noise (the authors set
-:math:`\rho = 1` below a fixed threshold of 1e-15).
+:math:`\rho = 1` below a fixed threshold of 1e-15); and a step rejected while its
+predicted decrease is below the loss's rounding level is solved again with a tighter
+Krylov tolerance before the radius shrinks (:func:`iterate`): an inexact solve can return a
+step too short to be measured, and shrinking the radius would never cure that.
 
 >>> rule = RadiusRule(eta1=0.1, eta2=0.9, increase=2.0, decrease=4.0, max_radius=10.0)
 >>> rule.update(radius=1.0, rho=0.95)
@@ -26,8 +30,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
-__all__ = ["RadiusRule", "reduction_ratio"]
+import torch
+from torch import Tensor
+
+from .norms import ellipsoid_norm
+from .subproblem import SubproblemResult
+
+__all__ = ["RadiusRule", "reduction_ratio", "iterate", "Trial"]
 
 
 def reduction_ratio(loss: float, trial_loss: float, model_decrease: float, eps: float = 2.0**-52) -> float:
@@ -91,3 +102,54 @@ class RadiusRule:
                 radius = min(radius, step_norm)
             radius = radius / self.decrease
         return radius, accepted
+
+
+@dataclass
+class Trial:
+    """What one iteration did: the subproblem ``result`` (``iterations``: all its products),
+    ``rho``, ``accepted``, the ``radius`` for the next iteration, the ``trial_loss``, the
+    step's length in the region's norm and the Krylov tolerance it ended with."""
+
+    result: SubproblemResult
+    rho: float
+    accepted: bool
+    radius: float
+    trial_loss: float
+    step_norm: float
+    rtol: float
+
+
+def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[Tensor], float],
+            undo: Callable[[], None], loss: float, radius: float, rule: RadiusRule, *,
+            ellipsoid: Optional[Tensor] = None, rtol: float = 0.1, eps: float = 2.0**-52) -> Trial:
+    r"""One trust-region iteration: subproblem, trial point, :math:`\rho`, radius rule, accept or undo.
+
+    ``solve(radius, rtol)`` answers the subproblem at the current point (a
+    :class:`trlib.subproblem.Solver`'s ``solve``); ``trial(step)`` moves to the trial point and
+    returns the loss there; ``undo()`` moves back (called on a rejection). A step rejected
+    while its predicted decrease lies below the loss's rounding level
+    :math:`10\,\epsilon\max(1, |\mathcal L|)`, from a solve that stopped on its tolerance, is
+    solved again with a tolerance 100 times tighter (down to 1e-12) before the radius shrinks.
+    """
+    result = solve(radius, rtol)
+    products = result.iterations
+    while True:
+        decrease = float(result.model_decrease)
+        finite = math.isfinite(decrease) and bool(torch.all(torch.isfinite(result.step)))
+        trial_loss = trial(result.step) if finite else math.nan  # a non-finite step never moves the point
+        rho = reduction_ratio(loss, trial_loss, decrease, eps=eps)
+        noise = decrease <= 10.0 * eps * max(1.0, abs(loss)) and result.status in ("converged", "interior")
+        if rho >= rule.eta1 or not (finite and noise) or rtol * 1e-2 < 1e-12:
+            break
+        tighter = solve(radius, rtol * 1e-2)
+        products += tighter.iterations
+        if tighter.iterations == 0:  # nothing new: the same step again
+            break
+        undo()
+        result, rtol = tighter, rtol * 1e-2
+    step_norm = float(ellipsoid_norm(result.step, ellipsoid)) if finite else math.inf
+    new_radius, accepted = rule.update(radius, rho, result.on_boundary, step_norm)
+    if finite and not accepted:
+        undo()
+    result.iterations = products
+    return Trial(result, rho, accepted, new_radius, trial_loss, step_norm, rtol)

@@ -16,16 +16,24 @@ preconditioned CG/Lanczos with preconditioner :math:`A`; Conn, Gould & Toint 200
 .. math:: (H + \lambda A) s^* = -g, \quad H + \lambda A \succeq 0, \quad
           \lambda (\Delta - \|s^*\|_A) = 0 .
 
-Methods of :func:`solve_subproblem`:
+A solver is an object: :meth:`Solver.query` does the work that depends only on the point
+(the Hessian-vector products: a Krylov basis, a factorization) and :meth:`Solver.solve`
+answers for a radius, as often as the trust-region loop asks. Registered by name:
 
-``"cauchy"``  the minimiser along :math:`-A^{-1} g` (one Hessian-vector product);
-``"cg"``      Steihaug-Toint truncated CG, the paper's solver;
-``"gltr"``    Lanczos (GLTR): keeps improving on the boundary; restarts when the Krylov space
-              becomes invariant, which solves the hard case (``g`` orthogonal to the
-              leftmost eigenvector) once that space is exhausted. A gradient spread over
-              many eigenvalues can meet the stopping test first: ``rtol=0`` explores
-              until breakdown (at most the dimension), ``"exact"`` is always global;
+``"cauchy"``  the minimiser along :math:`-A^{-1} g` (one product);
+``"cg"``      Steihaug-Toint truncated CG, the paper's solver (re-runs for each radius);
+``"gltr"``    Lanczos (GLTR): solves the subproblem exactly on the Krylov space, keeps
+              improving on the boundary, and re-solves a smaller radius with no new product.
+              It starts a new Lanczos block after a breakdown only when the solution points
+              at a hard case (the multiplier at minus the leftmost Ritz value, on the
+              boundary), or with ``rtol=0`` (explore everything). An exact hard case (``g``
+              orthogonal to the leftmost eigenvector) is invisible to any Krylov space of
+              ``g``; ``certificate=True`` looks for it with a few Lanczos steps from a random
+              start, counted as products;
 ``"exact"``   dense Moré-Sorensen via an eigendecomposition, for small problems.
+
+A non-finite Hessian-vector product makes every solver raise the same
+:class:`trlib.NonFiniteCurvatureError`.
 
 Example
 -------
@@ -35,24 +43,28 @@ Example
 >>> r = trlib.solve_subproblem(g, H, 1.0, method="exact")   # the hard case
 >>> round(float(r.model_decrease), 4), r.on_boundary
 (1.1667, True)
+>>> solver = trlib.subproblem.GLTR(certificate=True).query(g, H)   # one query, two radii
+>>> [(round(float(r.model_decrease), 4), r.iterations) for r in (solver.solve(1.0), solver.solve(0.5))]
+[(1.1667, 2), (0.4167, 0)]
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, Optional, Type, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .curvature import Operator, as_operator
 from .lanczos import Lanczos
 
-__all__ = ["SubproblemResult", "solve_subproblem", "model_value", "METHODS"]
+__all__ = ["SubproblemResult", "Solver", "Cauchy", "SteihaugCG", "GLTR", "Exact", "SOLVERS", "METHODS",
+           "get_solver", "solve_subproblem", "model_value", "eigenpoint"]
 
-Operator = Callable[[Tensor], Tensor]
-METHODS = ("cauchy", "cg", "gltr", "exact")
+HVP = Union[Callable[[Tensor], Tensor], Tensor, Operator]
 
 
 @dataclass
@@ -63,7 +75,7 @@ class SubproblemResult:
     ``model_decrease``: :math:`m(0) - m(s) \\ge 0` (a 0-d tensor);
     ``on_boundary``: :math:`\\|s\\|_A = \\Delta` (to relative precision);
     ``negative_curvature``: the solver met a direction with :math:`p^\\top H p \\le 0`;
-    ``iterations``: Hessian-vector products used;
+    ``iterations``: Hessian-vector products spent by this call;
     ``multiplier``: the Lagrange multiplier :math:`\\lambda` (``"gltr"``, ``"exact"``; else None);
     ``status``: why the solver stopped.
     """
@@ -77,90 +89,31 @@ class SubproblemResult:
     status: str = ""
 
 
-def model_value(grad: Tensor, hvp: Union[Operator, Tensor], step: Tensor) -> Tensor:
+def model_value(grad: Tensor, hvp: HVP, step: Tensor) -> Tensor:
     """:math:`m(s) = g^\\top s + \\frac12 s^\\top H s` (one Hessian-vector product)."""
-    op = _as_operator(hvp)
-    return torch.dot(grad, step) + 0.5 * torch.dot(step, op(step))
+    return torch.dot(grad, step) + 0.5 * torch.dot(step, as_operator(hvp, grad)(step))
 
 
-def _as_operator(hvp: Union[Operator, Tensor]) -> Operator:
-    if isinstance(hvp, Tensor):
-        if hvp.ndim != 2 or hvp.shape[0] != hvp.shape[1]:
-            raise ValueError(f"Invalid hvp: a dense Hessian must be a square matrix, got shape {tuple(hvp.shape)}")
-        return lambda v: hvp @ v
-    if not callable(hvp):
-        raise ValueError("Invalid hvp: expected a callable v -> H v or a square tensor")
-    return hvp
+def eigenpoint(grad: Tensor, radius: float, curvature: float, direction: Tensor, *,
+               ellipsoid: Optional[Tensor] = None) -> Tensor:
+    r"""The eigenpoint :math:`s^E = \pm\Delta\, v / \|v\|_A` of Assumption 2, with the sign that goes
+    downhill (:math:`g^\top s^E \le 0`; :math:`+v` on a tie); zero when ``curvature``
+    (:math:`v^\top H v / \|v\|_A^2`) is not negative.
+
+    >>> g = torch.tensor([1.0, 0.0])
+    >>> eigenpoint(g, 2.0, -1.0, torch.tensor([1.0, 1.0])).tolist()
+    [-1.4142135381698608, -1.4142135381698608]
+
+    Reference: Conn, Gould & Toint (2000), §6.6; Kohler, Adolphs & Lucchi, Assumption 2.
+    """
+    if curvature >= 0:
+        return torch.zeros_like(grad)
+    length = torch.linalg.vector_norm(direction) if ellipsoid is None else torch.sqrt(
+        torch.sum(ellipsoid * direction * direction))
+    step = direction * (radius / length)
+    return -step if float(torch.dot(grad, step)) > 0 else step
 
 
-# ----------------------------------------------------------------------------- Cauchy point
-def _cauchy(g: Tensor, op: Operator, radius: float) -> SubproblemResult:
-    gnorm = torch.linalg.vector_norm(g)
-    if float(gnorm) == 0.0:
-        return _result(torch.zeros_like(g), torch.zeros((), dtype=g.dtype, device=g.device), False, False, 0,
-                       status="zero_gradient")
-    hg = op(g)
-    curvature = torch.dot(g, hg)
-    # tau = 1 on non-positive curvature, else the 1-D minimiser capped at the boundary.
-    tau = torch.where(curvature > 0, torch.clamp(gnorm**3 / (radius * curvature.clamp_min(1e-300)), max=1.0),
-                      torch.ones_like(gnorm))
-    t = tau * radius / gnorm
-    u = -t * g
-    value = -t * gnorm**2 + 0.5 * t**2 * curvature
-    negative, boundary = bool(curvature <= 0), bool(tau >= 1.0)
-    return _result(u, -value, boundary, negative, 1, status="boundary" if boundary else "interior")
-
-
-# ----------------------------------------------------------------------------- Steihaug-Toint CG
-def _steihaug(g: Tensor, op: Operator, radius: float, rtol: float, max_iter: int, check_every: int) -> SubproblemResult:
-    # Written without data-dependent Python branches inside the loop: all decisions are
-    # 0-d tensors, so on a GPU the host only waits when it checks `done` (every
-    # `check_every` products). Products computed after termination are counted.
-    zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    u = torch.zeros_like(g)
-    hu = torch.zeros_like(g)
-    r = g.clone()
-    p = -r
-    rr = torch.dot(r, r)
-    tol2 = (rtol**2) * rr
-    radius2 = radius**2
-    done = rr == 0
-    hit_boundary = torch.zeros((), dtype=torch.bool, device=g.device)
-    negative = torch.zeros((), dtype=torch.bool, device=g.device)
-    iterations = 0
-    for k in range(max_iter):
-        if k % check_every == 0 and bool(done):
-            break
-        hp = op(p)
-        iterations += 1
-        php, pp, up, uu = torch.stack([torch.dot(p, hp), torch.dot(p, p), torch.dot(u, p), torch.dot(u, u)])
-        safe_pp = torch.where(pp > 0, pp, torch.ones_like(pp))
-        # Positive root of ||u + tau p||^2 = radius^2.
-        tau = (-up + torch.sqrt(torch.clamp(up * up + pp * (radius2 - uu), min=0.0))) / safe_pp
-        curv = php <= 0
-        alpha = rr / torch.where(curv, torch.ones_like(php), php)
-        hit = curv | (alpha >= tau)
-        a = torch.where(done, zero, torch.where(hit, tau, alpha))
-        u = u + a * p
-        hu = hu + a * hp
-        r_new = r + a * hp
-        rr_new = torch.dot(r_new, r_new)
-        converged = rr_new <= tol2
-        beta = rr_new / torch.where(rr > 0, rr, torch.ones_like(rr))
-        finished = done | hit | converged
-        negative = negative | (~done & curv)
-        hit_boundary = hit_boundary | (~done & hit)
-        p = torch.where(finished, p, -r_new + beta * p)
-        r, rr, done = r_new, rr_new, finished
-    value = torch.dot(g, u) + 0.5 * torch.dot(u, hu)
-    boundary = bool(hit_boundary)
-    status = "boundary" if boundary else ("converged" if bool(done) else "max_iter")
-    if iterations == 0 and float(rr) == 0.0:
-        status = "zero_gradient"
-    return _result(u, -value, boundary, bool(negative), iterations, status=status)
-
-
-# ----------------------------------------------------------------------------- dense Moré-Sorensen
 def _secular(eigvals: np.ndarray, coeffs: np.ndarray, radius: float):
     """Solve the subproblem in an eigenbasis: ``H = V diag(eigvals) V^T``, ``coeffs = V^T g``.
 
@@ -233,158 +186,284 @@ def _secular(eigvals: np.ndarray, coeffs: np.ndarray, radius: float):
     return x, float(mu - lam1), False
 
 
-def _exact(g: Tensor, op: Operator, radius: float, dense: Optional[Tensor]) -> SubproblemResult:
-    n = g.numel()
-    if dense is None:
-        eye = torch.eye(n, dtype=g.dtype, device=g.device)
-        dense = torch.stack([op(eye[i]) for i in range(n)], dim=1)
-        products = n
-    else:
-        products = 0
-    dense = 0.5 * (dense + dense.T)
-    eigvals, eigvecs = torch.linalg.eigh(dense)
-    coeffs = eigvecs.T @ g
-    lam_np = eigvals.detach().double().cpu().numpy()
-    c_np = coeffs.detach().double().cpu().numpy()
-    x, lam, hard = _secular(lam_np, c_np, radius)
-    u = eigvecs @ torch.as_tensor(x, dtype=g.dtype).to(g.device)
-    value = float(c_np @ x + 0.5 * np.sum(lam_np * x * x))
-    boundary = lam > 0 or float(np.linalg.norm(x)) >= radius * (1 - 1e-8)
-    status = "hard_case" if hard else ("boundary" if boundary else "interior")
-    return _result(u, torch.tensor(-value, dtype=g.dtype, device=g.device), boundary, bool(lam_np[0] < 0), products,
-                   multiplier=lam, status=status)
+# ----------------------------------------------------------------------------- solver objects
+class Solver:
+    """A subproblem solver: :meth:`query` once at a point, :meth:`solve` for each radius.
+
+    Options: ``rtol`` (Krylov methods stop once the residual
+    :math:`\\|\\tilde H u + \\lambda u + \\tilde g\\|` is below ``rtol`` times :math:`\\|\\tilde g\\|`,
+    in the region's norm), ``max_iter`` (most products per query; None: the dimension for
+    GLTR, ten times it for CG), ``check_every`` (CG looks at its stopping test, a
+    host-device synchronisation on GPUs, once every this many products), ``generator``
+    (GLTR's random vectors; default: a fixed seed, so solves are deterministic) and
+    ``certificate`` (GLTR's hard-case search).
+    """
+
+    name = ""
+
+    def __init__(self, *, rtol: float = 1e-6, max_iter: Optional[int] = None, check_every: int = 1,
+                 generator: Optional[torch.Generator] = None, certificate: bool = False):
+        if not (isinstance(rtol, (int, float)) and rtol >= 0):
+            raise ValueError(f"Invalid rtol: {rtol!r} (must be >= 0)")
+        if max_iter is not None and not (isinstance(max_iter, int) and max_iter >= 1):
+            raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a positive int or None)")
+        if not (isinstance(check_every, int) and check_every >= 1):
+            raise ValueError(f"Invalid check_every: {check_every!r} (must be a positive int)")
+        self.rtol, self.max_iter, self.check_every = float(rtol), max_iter, check_every
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.certificate = bool(certificate)
+
+    def query(self, grad: Tensor, hvp: HVP, ellipsoid: Optional[Tensor] = None) -> "Solver":
+        """Set up at a point: gradient, curvature (a callable, a dense matrix or an
+        :class:`trlib.curvature.Operator`) and the ellipsoid (None: the sphere)."""
+        if not isinstance(grad, Tensor) or grad.ndim != 1 or not grad.is_floating_point():
+            raise ValueError("Invalid grad: expected a 1-D floating-point tensor")
+        if not bool(torch.all(torch.isfinite(grad))):
+            raise ValueError("Invalid grad: contains NaN or inf")
+        op = as_operator(hvp, grad)
+        self.scale = None
+        if ellipsoid is not None:
+            if not isinstance(ellipsoid, Tensor) or ellipsoid.shape != grad.shape:
+                raise ValueError(f"Invalid ellipsoid: expected a tensor of shape {tuple(grad.shape)}")
+            if not bool(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0))):
+                raise ValueError("Invalid ellipsoid: entries must be positive and finite")
+            self.scale = ellipsoid.to(grad.dtype).rsqrt()  # u = A^{1/2} s, s = scale * u
+            op = op.scaled(self.scale)
+        self.spent = {"hvp": 0}
+        self._reported = 0
+        self.g = grad if self.scale is None else self.scale * grad
+        self.op = op.counted(self.spent)
+        self.gnorm = float(torch.linalg.vector_norm(self.g))
+        self.limit = self.max_iter or (10 if self.name == "cg" else 1) * grad.numel()
+        self._setup()
+        return self
+
+    def solve(self, radius: float, rtol: Optional[float] = None) -> SubproblemResult:
+        """The step for ``radius`` (and a Krylov tolerance ``rtol``, default the solver's)."""
+        radius = float(radius)
+        if not (math.isfinite(radius) and radius > 0):
+            raise ValueError(f"Invalid radius: {radius!r} (must be positive and finite)")
+        u, decrease, boundary, negative, lam, status = self._solve(radius, self.rtol if rtol is None else float(rtol))
+        self.op.check()
+        used, self._reported = self.spent["hvp"] - self._reported, self.spent["hvp"]
+        step = u if self.scale is None else self.scale * u
+        decrease = torch.as_tensor(decrease, dtype=self.g.dtype, device=self.g.device)
+        # clamp: rounding may leave a zero decrease at -1e-17
+        return SubproblemResult(step, torch.clamp(decrease, min=0.0), bool(boundary), bool(negative), int(used),
+                                None if lam is None else float(lam), status)
+
+    def leftmost(self):
+        """``(curvature, direction)``: the leftmost Ritz pair the query found, as a direction
+        :math:`s` (any scale) with its Rayleigh quotient in the region's norm; None if none."""
+        return None
+
+    def _setup(self) -> None:
+        pass
+
+    def _solve(self, radius: float, rtol: float):
+        raise NotImplementedError
 
 
-# ----------------------------------------------------------------------------- GLTR (Lanczos)
-def _gltr(g: Tensor, op: Operator, radius: float, rtol: float, max_iter: int,
-          generator: Optional[torch.Generator]) -> SubproblemResult:
-    lz = Lanczos(op, g, generator=generator)
-    gamma = lz.start_norm  # g = gamma q_1 (0: the first block starts at random)
-    while True:
-        lz.step()
-        eigvals, eigvecs = lz.eigh()
-        x, lam, hard = _secular(eigvals, gamma * eigvecs[0], radius)  # V^T (gamma e_1)
-        h = eigvecs @ x
-        residual = lz.last_beta * abs(h[-1])
-        tol = rtol * gamma if gamma > 0 else rtol * max(lz.scale, 1e-300) * radius
-        exploring = gamma == 0 or len(lz.block_starts) > 1
-        if lz.broke_down:
-            settled = False  # a fresh block: the complement may hold lower curvature
-        elif exploring:
-            # A block started at random must resolve its leftmost curvature before we
-            # can trust that the solution does not move into it.
-            _, y = lz.eigh(lz.block_starts[-1])
-            settled = lz.last_beta * abs(y[-1, 0]) <= rtol * max(lz.scale, 1e-300)
-        elif eigvals[0] < 0 and lam + eigvals[0] <= 1e-2 * max(lam, 1e-300):
-            # A (near) hard case inside the Krylov space: the step is dominated by the
-            # leftmost Ritz vector, so wait until that Ritz pair has converged.
-            settled = lz.last_beta * abs(eigvecs[-1, 0]) <= rtol * max(lz.scale, 1e-300)
-        else:
-            settled = True
-        if lz.exhausted or lz.k >= max_iter or (residual <= tol and settled):
-            break
-    u = lz.combine(h)
-    value = gamma * h[0] + 0.5 * float(np.sum(eigvals * x * x))  # m(Qh) = gamma h_1 + h^T T h / 2
-    boundary = lam > 0 or float(np.linalg.norm(h)) >= radius * (1 - 1e-8)
-    status = "hard_case" if hard else ("boundary" if boundary else "interior")
-    if not (lz.exhausted or residual <= tol):
-        status = "max_iter"
-    return _result(u, torch.tensor(-value, dtype=g.dtype, device=g.device), boundary, bool(eigvals[0] < 0), lz.k,
-                   multiplier=lam, status=status)
+class Cauchy(Solver):
+    """The minimiser of the model along :math:`-A^{-1} g` (one product per query)."""
+
+    name = "cauchy"
+
+    def _setup(self):
+        self.curvature = float(torch.dot(self.g, self.op(self.g))) if self.gnorm > 0 else 0.0
+
+    def _solve(self, radius, rtol):
+        gnorm, curvature = self.gnorm, self.curvature
+        if gnorm == 0.0:
+            return torch.zeros_like(self.g), 0.0, False, False, None, "zero_gradient"
+        # tau = 1 on non-positive curvature, else the 1-D minimiser capped at the boundary.
+        tau = min(gnorm**3 / (radius * curvature), 1.0) if curvature > 0 else 1.0
+        t = tau * radius / gnorm
+        value = -t * gnorm**2 + 0.5 * t**2 * curvature
+        return -t * self.g, -value, tau >= 1.0, curvature <= 0, None, "boundary" if tau >= 1.0 else "interior"
 
 
-def _result(u, decrease, boundary, negative, iterations, multiplier=None, status=""):
-    # clamp: rounding may leave a zero decrease at -1e-17
-    return SubproblemResult(u, torch.clamp(decrease, min=0.0), bool(boundary), bool(negative), int(iterations),
-                            None if multiplier is None else float(multiplier), status)
+class SteihaugCG(Solver):
+    """Steihaug-Toint truncated conjugate gradients (each radius re-runs the iteration)."""
+
+    name = "cg"
+
+    def _solve(self, radius, rtol):
+        # Written without data-dependent Python branches inside the loop: all decisions are
+        # 0-d tensors, so on a GPU the host only waits when it checks `done` (every
+        # `check_every` products). Products computed after termination are counted.
+        g, op = self.g, self.op
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        u, hu, r = torch.zeros_like(g), torch.zeros_like(g), g.clone()
+        p = -r
+        rr = torch.dot(r, r)
+        tol2 = (rtol**2) * rr
+        done = rr == 0
+        hit_boundary = negative = torch.zeros((), dtype=torch.bool, device=g.device)
+        for k in range(self.limit):
+            if k % self.check_every == 0 and bool(done | ~op.finite):
+                break
+            hp = op(p)
+            php, pp, up, uu = torch.stack([torch.dot(p, hp), torch.dot(p, p), torch.dot(u, p), torch.dot(u, u)])
+            safe_pp = torch.where(pp > 0, pp, torch.ones_like(pp))
+            # Positive root of ||u + tau p||^2 = radius^2.
+            tau = (-up + torch.sqrt(torch.clamp(up * up + pp * (radius**2 - uu), min=0.0))) / safe_pp
+            curv = php <= 0
+            alpha = rr / torch.where(curv, torch.ones_like(php), php)
+            hit = curv | (alpha >= tau)
+            a = torch.where(done, zero, torch.where(hit, tau, alpha))
+            u, hu = u + a * p, hu + a * hp
+            r_new = r + a * hp
+            rr_new = torch.dot(r_new, r_new)
+            finished = done | hit | (rr_new <= tol2)
+            negative = negative | (~done & curv)
+            hit_boundary = hit_boundary | (~done & hit)
+            p = torch.where(finished, p, -r_new + (rr_new / torch.where(rr > 0, rr, torch.ones_like(rr))) * p)
+            r, rr, done = r_new, rr_new, finished
+        value = torch.dot(g, u) + 0.5 * torch.dot(u, hu)
+        boundary = bool(hit_boundary)
+        status = "boundary" if boundary else ("converged" if bool(done) else "max_iter")
+        if self.gnorm == 0.0:
+            status = "zero_gradient"
+        return u, -value, boundary, bool(negative), None, status
 
 
-# ----------------------------------------------------------------------------- front door
-def solve_subproblem(
-    grad: Tensor,
-    hvp: Union[Operator, Tensor],
-    radius: float,
-    *,
-    ellipsoid: Optional[Tensor] = None,
-    method: str = "cg",
-    rtol: float = 1e-6,
-    max_iter: Optional[int] = None,
-    check_every: int = 1,
-    generator: Optional[torch.Generator] = None,
-) -> SubproblemResult:
+class GLTR(Solver):
+    """Lanczos (GLTR): the subproblem solved exactly on a growing Krylov space (see the module
+    docstring); the tridiagonal matrix is kept, so a smaller radius costs no products."""
+
+    name = "gltr"
+
+    def _setup(self):
+        self.lz = Lanczos(self.op, self.g, generator=self.generator)
+        self.gamma = self.lz.start_norm  # g = gamma q_1 (0: the first block starts at random)
+        self.certified = False
+
+    def _project(self, radius):
+        eigvals, eigvecs = self.lz.eigh()
+        x, lam, hard = _secular(eigvals, self.gamma * eigvecs[0], radius)  # V^T (gamma e_1)
+        return eigvals, eigvecs, x, lam, hard, eigvecs @ x
+
+    def _settled(self, sol, rtol, radius) -> bool:
+        lz, (eigvals, eigvecs, _, lam, _, h) = self.lz, sol
+        floor = rtol * max(lz.scale, 1e-300)
+        near_hard = eigvals[0] < 0 and lam + eigvals[0] <= 1e-2 * lam  # lam > 0: on the boundary
+        if lz.broke_down:  # an invariant space: explore further only on a sign of a hard case
+            return not (rtol == 0 or self.gamma == 0 or near_hard)
+        if self.gamma == 0 or len(lz.block_starts) > 1:
+            # a block started at random must resolve its leftmost curvature first
+            if lz.leftmost_residual() > floor:
+                return False
+        elif near_hard and lz.last_beta * abs(eigvecs[-1, 0]) > floor:
+            return False  # the step is dominated by the leftmost Ritz vector: wait for it to converge
+        tol = rtol * self.gamma if self.gamma > 0 else floor * radius
+        return lz.last_beta * abs(h[-1]) <= tol
+
+    def _certify(self, lam, rtol):
+        # A random block orthogonal to the Krylov space: if its leftmost Ritz value falls below
+        # -lam, H + lam I is not PSD and the solution moves into it (the hard case).
+        lz, self.certified = self.lz, True
+        lz.restart()
+        while not lz.exhausted and lz.k < self.limit:
+            lz.step()
+            first = lz.block_starts[-1]
+            theta = lz.eigh(first)[0][0]
+            if lz.broke_down or lz.leftmost_residual() <= rtol * lz.scale or (theta >= -lam and lz.k - first >= 5):
+                break
+
+    def _solve(self, radius, rtol):
+        lz, settled = self.lz, self.certified
+        while not settled:
+            if lz.k:
+                sol = self._project(radius)
+                settled = self._settled(sol, rtol, radius)
+            if settled or lz.exhausted or lz.k >= self.limit:
+                break
+            lz.step()
+        if self.certified:
+            sol = self._project(radius)
+        elif self.certificate and not lz.exhausted and lz.k < self.limit:
+            self._certify(sol[3], rtol)
+            sol = self._project(radius)
+        eigvals, _, x, lam, hard, h = sol
+        value = self.gamma * h[0] + 0.5 * float(np.sum(eigvals * x * x))  # m(Qh) = gamma h_1 + h^T T h / 2
+        boundary = lam > 0 or float(np.linalg.norm(h)) >= radius * (1 - 1e-8)
+        status = "hard_case" if hard else ("boundary" if boundary else "interior")
+        converged = settled or lz.exhausted or self.certified
+        return lz.combine(h), -value, boundary, eigvals[0] < 0, lam, status if converged else "max_iter"
+
+    def leftmost(self):
+        theta, y = self.lz.eigh()
+        u = self.lz.combine(y[:, 0])
+        return float(theta[0]), u if self.scale is None else self.scale * u
+
+
+class Exact(Solver):
+    """Dense Moré-Sorensen: one eigendecomposition per query (``size`` products unless the
+    Hessian is given as a matrix), then every radius is a secular equation."""
+
+    name = "exact"
+
+    def _setup(self):
+        dense = self.op.dense()
+        self.op.check()
+        eigvals, self.eigvecs = torch.linalg.eigh(0.5 * (dense + dense.T))
+        self.eigvals = eigvals.detach().double().cpu().numpy()
+        self.coeffs = (self.eigvecs.T @ self.g).detach().double().cpu().numpy()
+
+    def _solve(self, radius, rtol):
+        x, lam, hard = _secular(self.eigvals, self.coeffs, radius)
+        u = self.eigvecs @ torch.as_tensor(x, dtype=self.g.dtype).to(self.g.device)
+        value = float(self.coeffs @ x + 0.5 * np.sum(self.eigvals * x * x))
+        boundary = lam > 0 or float(np.linalg.norm(x)) >= radius * (1 - 1e-8)
+        return u, -value, boundary, self.eigvals[0] < 0, lam, "hard_case" if hard else (
+            "boundary" if boundary else "interior")
+
+    def leftmost(self):
+        u = self.eigvecs[:, 0]
+        return float(self.eigvals[0]), u if self.scale is None else self.scale * u
+
+
+SOLVERS: Dict[str, Type[Solver]] = {cls.name: cls for cls in (Cauchy, SteihaugCG, GLTR, Exact)}
+METHODS = tuple(SOLVERS)
+
+
+def get_solver(method: str, **options) -> Solver:
+    """A solver by name (``"cauchy"``, ``"cg"``, ``"gltr"``, ``"exact"``) with its options."""
+    if method not in SOLVERS:
+        raise ValueError(f"Invalid method: {method!r}; expected one of {METHODS}")
+    return SOLVERS[method](**options)
+
+
+def solve_subproblem(grad: Tensor, hvp: HVP, radius: float, *, ellipsoid: Optional[Tensor] = None,
+                     method: str = "cg", rtol: float = 1e-6, max_iter: Optional[int] = None, check_every: int = 1,
+                     generator: Optional[torch.Generator] = None, certificate: bool = False) -> SubproblemResult:
     r"""Approximately minimise :math:`g^\top s + \frac12 s^\top H s` s.t. :math:`\|s\|_A \le \Delta`.
 
     Args:
         grad: the gradient :math:`g`, a 1-D floating tensor.
-        hvp: the curvature: a callable ``v -> H v`` on 1-D tensors, or a dense square tensor.
+        hvp: the curvature: a callable ``v -> H v`` on 1-D tensors, a dense square tensor,
+            or a :class:`trlib.curvature.Operator`.
         radius: :math:`\Delta > 0`.
         ellipsoid: the positive vector :math:`a` of :math:`A = \operatorname{diag}(a)`;
             ``None`` is the sphere.
         method: ``"cauchy"``, ``"cg"``, ``"gltr"`` or ``"exact"`` (see the module docstring).
-        rtol: Krylov methods stop once the residual :math:`\|\tilde H u + \lambda u + \tilde g\|`
-            is below ``rtol`` times :math:`\|\tilde g\|` (in the norm of the region).
-        max_iter: most Hessian-vector products for ``"cg"`` and ``"gltr"``; None: as many
-            as needed (up to the dimension for GLTR, ten times it for CG).
-        check_every: ``"cg"`` looks at its stopping test (a host-device synchronisation on
-            GPUs) once every this many products.
-        generator: random numbers for GLTR's restarts (zero gradient, hard case);
-            default: a fixed seed, so the solver is deterministic.
+        rtol, max_iter, check_every, generator, certificate: the solver's options
+            (:class:`Solver`).
 
     Returns:
         :class:`SubproblemResult`. All computation happens on ``grad``'s device and in its
         dtype (the small tridiagonal and secular problems are solved in float64 on the host).
 
+    One query and one solve of the solver registered as ``method``; to solve one point for
+    several radii, keep the solver (``get_solver(method).query(grad, hvp, ellipsoid)``).
+
     References: Steihaug (1983); Toint (1981); Gould, Lucidi, Roma & Toint (1999);
     Moré & Sorensen (1983); Conn, Gould & Toint (2000), chapter 7.
     """
-    if not isinstance(grad, Tensor) or grad.ndim != 1 or not grad.is_floating_point():
-        raise ValueError("Invalid grad: expected a 1-D floating-point tensor")
-    if not bool(torch.all(torch.isfinite(grad))):
-        raise ValueError("Invalid grad: contains NaN or inf")
-    op = _as_operator(hvp)
-    dense = hvp if isinstance(hvp, Tensor) else None
-    if dense is not None and dense.shape[0] != grad.numel():
-        raise ValueError(f"Invalid hvp: matrix of size {dense.shape[0]} for a gradient of size {grad.numel()}")
     radius = float(radius)
     if not (math.isfinite(radius) and radius > 0):
         raise ValueError(f"Invalid radius: {radius!r} (must be positive and finite)")
-    if method not in METHODS:
-        raise ValueError(f"Invalid method: {method!r}; expected one of {METHODS}")
-    if not (isinstance(rtol, (int, float)) and rtol >= 0):
-        raise ValueError(f"Invalid rtol: {rtol!r} (must be >= 0)")
-    n = grad.numel()
-    if max_iter is None:
-        max_iter = 10 * n if method == "cg" else n
-    elif not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a positive int or None)")
-    if not (isinstance(check_every, int) and check_every >= 1):
-        raise ValueError(f"Invalid check_every: {check_every!r} (must be a positive int)")
-
-    if ellipsoid is None:
-        scale = None
-        g = grad
-    else:
-        if not isinstance(ellipsoid, Tensor) or ellipsoid.shape != grad.shape:
-            raise ValueError(f"Invalid ellipsoid: expected a tensor of shape {tuple(grad.shape)}")
-        if not bool(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0))):
-            raise ValueError("Invalid ellipsoid: entries must be positive and finite")
-        scale = ellipsoid.to(grad.dtype).rsqrt()  # u = A^{1/2} s, s = scale * u
-        g = scale * grad
-        inner = op
-        op = lambda v: scale * inner(scale * v)  # noqa: E731
-        if dense is not None:
-            dense = scale[:, None] * dense * scale[None, :]
-
-    if method == "cauchy":
-        res = _cauchy(g, op, radius)
-    elif method == "cg":
-        res = _steihaug(g, op, radius, float(rtol), max_iter, check_every)
-    elif method == "gltr":
-        if generator is None:
-            generator = torch.Generator(device="cpu").manual_seed(0)
-        res = _gltr(g, op, radius, float(rtol), max_iter, generator)
-    else:
-        res = _exact(g, op, radius, dense)
-    if scale is not None:
-        res.step = scale * res.step
-    return res
+    solver = get_solver(method, rtol=rtol, max_iter=max_iter, check_every=check_every, generator=generator,
+                        certificate=certificate)
+    return solver.query(grad, hvp, ellipsoid).solve(radius)

@@ -147,3 +147,39 @@ def test_batched_products_build_the_same_dense_hessian():
     torch.testing.assert_close(batched_fr, looped, rtol=1e-9, atol=1e-11)
     v = torch.randn(n, dtype=torch.float64)
     torch.testing.assert_close(looped @ v, db(v), rtol=1e-9, atol=1e-11)
+
+
+def test_operator_counts_scales_and_densifies():
+    torch.manual_seed(4)
+    A = torch.randn(5, 5, dtype=torch.float64)
+    H = A + A.T
+    d = torch.rand(5, dtype=torch.float64) + 0.5
+    counts = {"hvp": 0}
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return H @ v
+
+    op = curvature.Operator(matvec, 5, dtype=torch.float64, device="cpu")
+    weighted = op.scaled(d).counted(counts, weight=0.25)  # e.g. a product on a quarter of the batch
+    v = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(weighted(v), d * (H @ (d * v)))
+    torch.testing.assert_close(weighted.dense(), d[:, None] * H * d[None, :])
+    assert counts["hvp"] == 0.25 * (1 + 5) and len(calls) == 6
+    rows = torch.randn(3, 5, dtype=torch.float64)
+    torch.testing.assert_close(op.batched(rows), rows @ H)
+    matrix = curvature.Operator.from_matrix(H).counted(counts)
+    assert torch.equal(matrix.dense(), H) and counts["hvp"] == 1.5  # a given matrix costs no products
+    with pytest.raises(ValueError, match="square"):
+        curvature.Operator.from_matrix(torch.ones(2, 3))
+
+
+def test_operator_checks_shape_at_once_and_finiteness_on_demand():
+    bad = curvature.Operator(lambda v: torch.cat([v, v]), 3, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="returned"):
+        bad(torch.ones(3))
+    op = curvature.Operator(lambda v: v / 0.0, 3, dtype=torch.float32, device="cpu").counted({"hvp": 0})
+    op(torch.ones(3))  # no host synchronisation here
+    with pytest.raises(trlib.NonFiniteCurvatureError):
+        op.check()

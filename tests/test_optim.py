@@ -265,3 +265,157 @@ def test_automatic_first_radius_is_the_cauchy_step_length(norm):
     Ht = H / torch.outer(a.sqrt(), a.sqrt())
     expected = float(gt.norm() ** 3 / (gt @ Ht @ gt))
     assert opt.last["radius"] == pytest.approx(expected, rel=1e-10)
+
+
+# ---------------------------------------------------------------------------- state, torch-style
+HYPERPARAMETERS = ("norm", "radius", "max_radius", "eta1", "eta2", "increase", "decrease", "method", "krylov_tol",
+                   "max_krylov", "beta", "eps", "gtol", "hvp", "check_every", "seed")
+
+
+def test_every_hyperparameter_is_in_defaults_and_the_state_dict():
+    model, x, y = _problem()
+    opt = trlib.TrustRegion(model.parameters(), norm="adagrad", eps=1e-6, seed=7, method="gltr")
+    opt.step(_closure(model, x, y))
+    group = opt.state_dict()["param_groups"][0]
+    assert set(HYPERPARAMETERS) <= set(opt.defaults) and set(HYPERPARAMETERS) <= set(group)
+    assert (group["norm"], group["eps"], group["seed"], group["method"]) == ("adagrad", 1e-6, 7, "gltr")
+    # the optimizer-wide state lives under the first parameter, as L-BFGS keeps its own
+    assert list(opt.state_dict()["state"]) == [0]
+    assert opt.state_dict()["state"][0]["radius"] == opt.radius
+
+
+def test_checkpoint_of_another_norm_is_refused():
+    model, x, y = _problem()
+    rms = trlib.TrustRegion(model.parameters(), norm="rms")
+    rms.step(_closure(model, x, y))
+    adagrad = trlib.TrustRegion(model.parameters(), norm="adagrad")
+    with pytest.raises(ValueError, match="norm 'rms'.*'adagrad'"):
+        adagrad.load_state_dict(rms.state_dict())
+
+
+def test_loaded_beta_rules_a_named_norm():
+    model, x, y = _problem()
+    a = trlib.TrustRegion(model.parameters(), norm="rms", beta=0.5)
+    a.step(_closure(model, x, y))
+    b = trlib.TrustRegion(model.parameters(), norm="rms", beta=0.9)
+    b.load_state_dict(a.state_dict())
+    assert b.norm.beta == 0.5 and b.param_groups[0]["beta"] == 0.5
+
+
+def _damaged(kind, sd):
+    sd = copy.deepcopy(sd)
+    if kind == "empty":
+        return {}
+    if kind == "no_groups":
+        del sd["param_groups"]
+    elif kind == "missing_key":
+        del sd["param_groups"][0]["eta1"]
+    elif kind == "bad_hyperparameter":
+        sd["param_groups"][0]["decrease"] = 0.5
+    elif kind in ("nan_radius", "negative_radius"):
+        sd["state"][0]["radius"] = math.nan if kind == "nan_radius" else -1.0
+    elif kind == "missing_state":
+        del sd["state"][0]["norm_state"]
+    elif kind == "nan_norm_state":
+        sd["state"][0]["norm_state"]["square_avg"][0] = math.nan
+    return sd
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("empty", "state_dict"), ("no_groups", "state_dict"), ("missing_key", "eta1"),
+    ("bad_hyperparameter", "decrease"), ("nan_radius", "radius"), ("negative_radius", "radius"),
+    ("missing_state", "norm_state"), ("nan_norm_state", "NaN"),
+])
+def test_damaged_state_dict_is_a_clear_error(kind, match):
+    model, x, y = _problem()
+    opt = trlib.TrustRegion(model.parameters(), norm="rms")
+    opt.step(_closure(model, x, y))
+    fresh = trlib.TrustRegion(model.parameters(), norm="rms")
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(_damaged(kind, opt.state_dict()))
+
+
+def test_checkpoint_of_another_model_is_refused_at_load():
+    model, x, y = _problem()
+    opt = trlib.TrustRegion(model.parameters(), norm="uniform")
+    opt.step(_closure(model, x, y))
+    other = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    with pytest.raises(ValueError, match="another model"):
+        trlib.TrustRegion(other.parameters(), norm="uniform").load_state_dict(opt.state_dict())
+
+
+def test_reading_attributes_creates_no_state():
+    model, _, _ = _problem()
+    opt = trlib.TrustRegion(model.parameters(), radius=0.3)
+    assert (opt.radius, opt.counts, opt.backprops, opt.last, opt.ellipsoid) == (
+        0.3, {"gradient": 0, "hvp": 0, "forward": 0}, 0, {}, None)
+    assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+
+
+def test_writing_the_groups_radius_sets_the_live_radius_and_max_radius_caps_it():
+    model, x, y = _problem()
+    opt = trlib.TrustRegion(model.parameters(), norm="uniform", radius=0.5, eta1=0.0, eta2=0.0, increase=2.0)
+    opt.step(_closure(model, x, y))
+    assert opt.radius == pytest.approx(1.0)  # rho >= eta2 = 0: grown
+    opt.param_groups[0]["radius"] = 0.01
+    opt.step(_closure(model, x, y))
+    assert opt.last["radius"] == 0.01
+    opt.param_groups[0]["max_radius"] = 0.005
+    opt.step(_closure(model, x, y))
+    assert opt.last["radius"] == 0.005
+
+
+@pytest.mark.parametrize("params, match", [
+    (lambda m: [m[0].weight, m[0].weight], "more than once"),
+    (lambda m: [m[0].weight.detach().half().requires_grad_()], "float16"),
+    (lambda m: [torch.zeros(3, dtype=torch.complex64, requires_grad=True)], "complex64"),
+])
+def test_parameters_it_cannot_handle_are_refused(params, match):
+    model, _, _ = _problem()
+    with pytest.raises(ValueError, match=match):
+        trlib.TrustRegion(params(model))
+
+
+def test_changing_requires_grad_after_the_first_step_is_a_clear_error():
+    model, x, y = _problem()
+    opt = trlib.TrustRegion(model.parameters())
+    opt.step(_closure(model, x, y))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="require grad changed"):
+        opt.step(_closure(model, x, y))
+
+
+# ---------------------------------------------------------------------------- non-finite curvature
+def test_non_finite_products_stop_with_a_clear_error_and_leave_everything(monkeypatch):
+    # |w|^1.5 has a finite gradient but an infinite second derivative at 0.
+    w = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    for method in ("cauchy", "cg", "gltr", "exact"):
+        opt = trlib.TrustRegion([w], norm="rms", method=method, radius=0.1)
+        opt.step(lambda: (w[1] - 2.0) ** 2 + w[0] ** 2)  # a regular first step
+        w.data[0] = 0.0
+        before, state = w.detach().clone(), copy.deepcopy(opt.state_dict())
+        with pytest.raises(trlib.NonFiniteCurvatureError, match="NaN or inf"):
+            opt.step(lambda: torch.abs(w[0]) ** 1.5 + (w[1] - 2.0) ** 2)
+        assert torch.equal(w.detach(), before)
+        after = opt.state_dict()
+        assert after["state"][0]["radius"] == state["state"][0]["radius"]
+        assert torch.equal(after["state"][0]["norm_state"]["square_avg"], state["state"][0]["norm_state"]["square_avg"])
+        assert after["state"][0]["steps"] == state["state"][0]["steps"]
+
+
+def test_forward_over_reverse_with_mse_loss_matches_double_backward():
+    # mean-reduced mse_loss has a broken forward-mode rule in torch; the products fall back to
+    # reverse-over-reverse through torch.func.vjp.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    model2 = copy.deepcopy(model)
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    a = trlib.TrustRegion(model.parameters(), module=model)
+    b = trlib.TrustRegion(model2.parameters(), module=model2, hvp="forward_over_reverse")
+    for loss in (nn.functional.mse_loss, nn.functional.huber_loss):
+        for _ in range(3):
+            a.step(lambda: loss(model(x), y))
+            b.step(lambda: loss(model2(x), y))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+    assert a.counts == b.counts

@@ -318,3 +318,40 @@ def test_tiny_and_huge_radius():
             assert np.linalg.norm(s) <= radius * (1 + 1e-8)
             if radius > 1 and method != "cauchy":  # the Cauchy point stops at 1-D curvature
                 assert math.isclose(np.linalg.norm(s), radius, rel_tol=1e-6)  # negative curvature: to the boundary
+
+
+# ---------------------------------------------------------------------------- non-finite products
+@pytest.mark.parametrize("method", ["cauchy", "cg", "gltr", "exact"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inst=instances(kinds=("indefinite", "positive", "hard")), bad_at=st.integers(1, 6),
+       value=st.sampled_from([math.nan, math.inf, -math.inf]), where=st.integers(0, 9))
+def test_every_solver_raises_the_same_error_on_a_non_finite_product(method, inst, bad_at, value, where):
+    H, g, radius, ellipsoid = inst
+    Ht = torch.tensor(H)
+    calls = []
+
+    def hvp(v):
+        calls.append(1)
+        hv = Ht @ v
+        if len(calls) == bad_at:
+            hv = hv.clone()
+            hv[where % len(g)] = value
+        return hv
+
+    a = None if ellipsoid is None else torch.tensor(ellipsoid)
+    try:
+        res = trlib.solve_subproblem(torch.tensor(g), hvp, radius, ellipsoid=a, method=method)
+    except trlib.NonFiniteCurvatureError as exc:
+        assert len(calls) >= bad_at and "NaN or inf" in str(exc)
+    else:  # the solver was done before the bad product
+        assert len(calls) < bad_at and bool(torch.all(torch.isfinite(res.step)))
+
+
+@pytest.mark.parametrize("method", ["cauchy", "cg", "gltr", "exact"])
+def test_non_finite_dense_hessian_and_wrong_shapes(method):
+    H = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    g = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(trlib.NonFiniteCurvatureError):
+        trlib.solve_subproblem(g, H * torch.tensor(math.nan), 1.0, method=method)
+    with pytest.raises(ValueError, match="hvp: returned"):
+        trlib.solve_subproblem(g, lambda v: torch.ones(4, dtype=torch.float64), 1.0, method=method)

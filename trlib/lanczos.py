@@ -199,8 +199,12 @@ def smallest_eigenpair(matvec: Operator, start: Tensor, *, max_iter: Optional[in
     lz = Lanczos(matvec, start, generator=generator)
     while True:
         lz.step()
-        # After a breakdown the closed block is exact, but the complement is unexplored.
-        converged = not lz.broke_down and lz.leftmost_residual() <= rtol * max(lz.scale, 1e-30)
+        # A block that became invariant is exact. Grown from a random vector it holds the leftmost
+        # eigenvalue of the unexplored rest (with probability 1); grown from `start`, maybe not.
+        if lz.broke_down:
+            converged = lz.start_norm == 0 or len(lz.block_starts) > 1
+        else:
+            converged = lz.leftmost_residual() <= rtol * max(lz.scale, 1e-30)
         if lz.exhausted or lz.k >= max_iter or converged:
             theta, y = lz.eigh()
             return float(theta[0]), lz.combine(y[:, 0]), lz.k

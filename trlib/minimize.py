@@ -173,8 +173,11 @@ def minimize(
             if saddle is None:
                 # Step 4 of Algorithm 1: with g := 0 only curvature can move us. The test is on the
                 # Hessian's own smallest eigenvalue, whatever the region's shape.
+                start = torch.randn(point.grad.shape, generator=generator, dtype=point.grad.dtype).to(point.grad.device)
+                start /= torch.linalg.vector_norm(start)
                 guess = last.leftmost() if last is not None else None
-                start = torch.zeros_like(point.grad) if guess is None else guess[1]
+                if guess is not None:  # the last Lanczos' leftmost Ritz vector, kept honest by the random part
+                    start += guess[1] / torch.linalg.vector_norm(guess[1])
                 lam_min, v, spent = smallest_eigenpair(point.op, start, rtol=1e-8, max_iter=max_krylov,
                                                        generator=generator)
                 if lam_min >= -htol:

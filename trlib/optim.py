@@ -178,7 +178,8 @@ class TrustRegion(torch.optim.Optimizer):
 
     def _state(self, create: bool = False) -> dict:
         """The optimizer-wide state, kept under the first parameter ({} before the first step)."""
-        st = self.state[self.param_groups[0]["params"][0]]
+        anchor = self.param_groups[0]["params"][0]
+        st = self.state[anchor] if create else self.state.get(anchor, {})
         if create and not st:
             params = self._params()
             if not params:

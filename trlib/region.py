@@ -14,10 +14,10 @@ deterministic :func:`trlib.minimize` grows it only after steps that reached the 
 Guards the authors' code lacked: a non-finite trial loss is a rejection (never an
 accepted step); decreases at rounding level count as agreement (see
 :func:`reduction_ratio`) instead of dividing noise by noise (the authors set
-:math:`\rho = 1` below a fixed threshold of 1e-15); and a step rejected while its
-predicted decrease is below the loss's rounding level is solved again with a tighter
-Krylov tolerance before the radius shrinks (:func:`iterate`): an inexact solve can return a
-step too short to be measured, and shrinking the radius would never cure that.
+:math:`\rho = 1` below a fixed threshold of 1e-15); and a step whose predicted decrease is
+below the loss's rounding level is solved again with a tighter Krylov tolerance before it
+is tried (:func:`iterate`): an inexact solve of a badly scaled model can return a step too
+short to be measured, and shrinking the radius would never cure that.
 
 >>> rule = RadiusRule(eta1=0.1, eta2=0.9, increase=2.0, decrease=4.0, max_radius=10.0)
 >>> rule.update(radius=1.0, rho=0.95)
@@ -126,27 +126,24 @@ def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[
 
     ``solve(radius, rtol)`` answers the subproblem at the current point (a
     :class:`trlib.subproblem.Solver`'s ``solve``); ``trial(step)`` moves to the trial point and
-    returns the loss there; ``undo()`` moves back (called on a rejection). A step rejected
-    while its predicted decrease lies below the loss's rounding level
-    :math:`10\,\epsilon\max(1, |\mathcal L|)`, from a solve that stopped on its tolerance, is
-    solved again with a tolerance 100 times tighter (down to 1e-12) before the radius shrinks.
+    returns the loss there; ``undo()`` moves back (called on a rejection). A step whose predicted
+    decrease lies below the loss's rounding level :math:`10\,\epsilon\max(1, |\mathcal L|)`, from a
+    solve that stopped on its tolerance, cannot be measured: it is solved again with a tolerance
+    100 times tighter (down to 1e-12) before it is tried, so the radius never shrinks for it.
     """
     result = solve(radius, rtol)
     products = result.iterations
-    while True:
-        decrease = float(result.model_decrease)
-        finite = math.isfinite(decrease) and bool(torch.all(torch.isfinite(result.step)))
-        trial_loss = trial(result.step) if finite else math.nan  # a non-finite step never moves the point
-        rho = reduction_ratio(loss, trial_loss, decrease, eps=eps)
-        noise = decrease <= 10.0 * eps * max(1.0, abs(loss)) and result.status in ("converged", "interior")
-        if rho >= rule.eta1 or not (finite and noise) or rtol * 1e-2 < 1e-12:
-            break
+    while (float(result.model_decrease) <= 10.0 * eps * max(1.0, abs(loss))
+           and result.status in ("converged", "interior") and rtol * 1e-2 >= 1e-12):
         tighter = solve(radius, rtol * 1e-2)
-        products += tighter.iterations
-        if tighter.iterations == 0:  # nothing new: the same step again
+        products, rtol = products + tighter.iterations, rtol * 1e-2
+        if tighter.iterations == 0:  # the solve had nothing more to give
             break
-        undo()
-        result, rtol = tighter, rtol * 1e-2
+        result = tighter
+    decrease = float(result.model_decrease)
+    finite = math.isfinite(decrease) and bool(torch.all(torch.isfinite(result.step)))
+    trial_loss = trial(result.step) if finite else math.nan  # a non-finite step never moves the point
+    rho = reduction_ratio(loss, trial_loss, decrease, eps=eps)
     step_norm = float(ellipsoid_norm(result.step, ellipsoid)) if finite else math.inf
     new_radius, accepted = rule.update(radius, rho, result.on_boundary, step_norm)
     if finite and not accepted:

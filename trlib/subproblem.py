@@ -348,8 +348,11 @@ class GLTR(Solver):
         lz, (eigvals, eigvecs, _, lam, _, h) = self.lz, sol
         floor = rtol * max(lz.scale, 1e-300)
         near_hard = eigvals[0] < 0 and lam + eigvals[0] <= 1e-2 * lam  # lam > 0: on the boundary
-        if lz.broke_down:  # an invariant space: explore further only on a sign of a hard case
-            return not (rtol == 0 or self.gamma == 0 or near_hard)
+        if lz.broke_down:
+            # An invariant space. One grown from a random vector holds the leftmost eigenvalue of
+            # everything not yet explored (with probability 1): done. One grown from g is explored
+            # further only on a sign of a hard case (or with rtol = 0).
+            return self.gamma == 0 or len(lz.block_starts) > 1 or not (rtol == 0 or near_hard)
         if self.gamma == 0 or len(lz.block_starts) > 1:
             # a block started at random must resolve its leftmost curvature first
             if lz.leftmost_residual() > floor:

@@ -71,9 +71,8 @@ class Operator:
     ``op.scaled(d)`` is :math:`DHD` with :math:`D = \operatorname{diag}(d)` (an ellipsoid's
     change of variables); ``op.counted(counts)`` adds ``weight`` to ``counts[key]`` per product.
 
-    The output of every product is checked for its shape at once and for finiteness on the
-    device, without a host synchronisation: :meth:`check` raises
-    :class:`NonFiniteCurvatureError` if any product so far had a NaN or an inf.
+    The shape of every product is checked (a product of the wrong shape is a ``ValueError``);
+    its finiteness is left to the solvers, which look at it where they synchronise anyway.
 
     >>> op = Operator.from_matrix(torch.tensor([[2.0, 0.0], [0.0, -1.0]]))
     >>> counts = {"hvp": 0}
@@ -83,12 +82,10 @@ class Operator:
 
     def __init__(self, matvec: Callable[[Tensor], Tensor], size: int, *, dtype, device,
                  batched: Optional[Callable[[Tensor], Tensor]] = None, matrix: Optional[Tensor] = None,
-                 parent: Optional["Operator"] = None):
+                 checked: bool = True):
         self.size, self.dtype, self.device = int(size), dtype, torch.device(device)
         self.matrix = matrix
-        self._matvec, self._batched = matvec, batched
-        self._root = parent is None  # only the operator around the user's callable checks its output
-        self._finite = parent._finite if parent is not None else [torch.ones((), dtype=torch.bool, device=device)]
+        self._matvec, self._batched, self._checked = matvec, batched, checked
 
     @classmethod
     def from_matrix(cls, matrix: Tensor) -> "Operator":
@@ -97,16 +94,12 @@ class Operator:
         return cls(lambda v: matrix @ v, matrix.shape[0], dtype=matrix.dtype, device=matrix.device,
                    batched=lambda vs: vs @ matrix.T, matrix=matrix)
 
-    def _checked(self, v: Tensor, hv) -> Tensor:
-        if self._root:
-            if not isinstance(hv, Tensor) or hv.shape != v.shape:
-                raise ValueError(f"Invalid hvp: returned {getattr(hv, 'shape', type(hv).__name__)} "
-                                 f"for a vector of shape {tuple(v.shape)}")
-            self._finite[0] = self._finite[0] & torch.isfinite(hv).all()
-        return hv
-
     def mv(self, v: Tensor) -> Tensor:
-        return self._checked(v, self._matvec(v))
+        hv = self._matvec(v)
+        if self._checked and (not isinstance(hv, Tensor) or hv.shape != v.shape):
+            raise ValueError(f"Invalid hvp: returned {getattr(hv, 'shape', type(hv).__name__)} "
+                             f"for a vector of shape {tuple(v.shape)}")
+        return hv
 
     __call__ = mv
 
@@ -114,7 +107,7 @@ class Operator:
         """The products with the rows of ``vs`` (a ``m x size`` tensor), as rows."""
         if self._batched is None:
             return torch.stack([self.mv(v) for v in vs])
-        return self._checked(vs, self._batched(vs))
+        return self._batched(vs)
 
     def dense(self, chunk: int = 64) -> Tensor:
         """The ``size x size`` matrix (symmetrised when it is built from products)."""
@@ -127,7 +120,7 @@ class Operator:
     def scaled(self, d: Tensor) -> "Operator":
         """:math:`v \\mapsto d \\odot H (d \\odot v)`."""
         return Operator(lambda v: d * self.mv(d * v), self.size, dtype=self.dtype, device=self.device,
-                        batched=lambda vs: d * self.batched(d * vs), parent=self,
+                        batched=lambda vs: d * self.batched(d * vs), checked=False,
                         matrix=None if self.matrix is None else d[:, None] * self.matrix * d[None, :])
 
     def counted(self, counts: Dict[str, float], key: str = "hvp", weight: float = 1) -> "Operator":
@@ -142,19 +135,8 @@ class Operator:
             return self.batched(vs)
 
         return Operator(mv, self.size, dtype=self.dtype, device=self.device, batched=batched, matrix=self.matrix,
-                        parent=self)
+                        checked=False)
 
-    @property
-    def finite(self) -> Tensor:
-        """A 0-d boolean on the device: every product so far was finite."""
-        return self._finite[0]
-
-    def check(self) -> None:
-        """Raise :class:`NonFiniteCurvatureError` if a product so far was not finite (one sync)."""
-        if not bool(self._finite[0]):
-            raise NonFiniteCurvatureError()
-        if self.matrix is not None and not bool(torch.all(torch.isfinite(self.matrix))):
-            raise NonFiniteCurvatureError("the dense Hessian contains NaN or inf")
 
 
 def as_operator(hvp, like: Tensor) -> Operator:

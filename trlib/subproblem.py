@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .curvature import Operator, as_operator
+from .curvature import NonFiniteCurvatureError, Operator, as_operator
 from .lanczos import Lanczos
 
 __all__ = ["SubproblemResult", "Solver", "Cauchy", "SteihaugCG", "GLTR", "Exact", "SOLVERS", "METHODS",
@@ -244,7 +244,6 @@ class Solver:
         if not (math.isfinite(radius) and radius > 0):
             raise ValueError(f"Invalid radius: {radius!r} (must be positive and finite)")
         u, decrease, boundary, negative, lam, status = self._solve(radius, self.rtol if rtol is None else float(rtol))
-        self.op.check()
         used, self._reported = self.spent["hvp"] - self._reported, self.spent["hvp"]
         step = u if self.scale is None else self.scale * u
         decrease = torch.as_tensor(decrease, dtype=self.g.dtype, device=self.g.device)
@@ -271,6 +270,8 @@ class Cauchy(Solver):
 
     def _setup(self):
         self.curvature = float(torch.dot(self.g, self.op(self.g))) if self.gnorm > 0 else 0.0
+        if not math.isfinite(self.curvature):
+            raise NonFiniteCurvatureError()
 
     def _solve(self, radius, rtol):
         gnorm, curvature = self.gnorm, self.curvature
@@ -300,11 +301,13 @@ class SteihaugCG(Solver):
         tol2 = (rtol**2) * rr
         done = rr == 0
         hit_boundary = negative = torch.zeros((), dtype=torch.bool, device=g.device)
+        finite = torch.ones((), dtype=torch.bool, device=g.device)  # a NaN/inf in H p shows in p^T H p
         for k in range(self.limit):
-            if k % self.check_every == 0 and bool(done | ~op.finite):
+            if k % self.check_every == 0 and bool(done | ~finite):
                 break
             hp = op(p)
             php, pp, up, uu = torch.stack([torch.dot(p, hp), torch.dot(p, p), torch.dot(u, p), torch.dot(u, u)])
+            finite = finite & torch.isfinite(php)
             safe_pp = torch.where(pp > 0, pp, torch.ones_like(pp))
             # Positive root of ||u + tau p||^2 = radius^2.
             tau = (-up + torch.sqrt(torch.clamp(up * up + pp * (radius**2 - uu), min=0.0))) / safe_pp
@@ -320,6 +323,8 @@ class SteihaugCG(Solver):
             hit_boundary = hit_boundary | (~done & hit)
             p = torch.where(finished, p, -r_new + (rr_new / torch.where(rr > 0, rr, torch.ones_like(rr))) * p)
             r, rr, done = r_new, rr_new, finished
+        if not bool(finite):
+            raise NonFiniteCurvatureError()
         value = torch.dot(g, u) + 0.5 * torch.dot(u, hu)
         boundary = bool(hit_boundary)
         status = "boundary" if boundary else ("converged" if bool(done) else "max_iter")
@@ -409,7 +414,8 @@ class Exact(Solver):
 
     def _setup(self):
         dense = self.op.dense()
-        self.op.check()
+        if not bool(torch.all(torch.isfinite(dense))):
+            raise NonFiniteCurvatureError()
         eigvals, self.eigvecs = torch.linalg.eigh(0.5 * (dense + dense.T))
         self.eigvals = eigvals.detach().double().cpu().numpy()
         self.coeffs = (self.eigvecs.T @ self.g).detach().double().cpu().numpy()

@@ -37,9 +37,11 @@ def _train(model, opt, x, y, steps, seed=0):
     return losses, g
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", NORMS + ["hutchinson"])
 @pytest.mark.parametrize("method", ["cg", "gltr"])
 def test_state_dict_round_trip_resumes_bit_for_bit(norm, method):
+    if norm == "hutchinson":
+        norm = trlib.norms.Hutchinson(probes=2)
     model, x, y = _problem()
     opt = trlib.TrustRegion(model.parameters(), norm=norm, method=method)
     _train(model, opt, x, y, 5)
@@ -59,8 +61,10 @@ def test_state_dict_round_trip_resumes_bit_for_bit(norm, method):
     assert opt.counts == opt2.counts and opt.radius == opt2.radius
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", NORMS + ["hutchinson"])
 def test_counts_are_exact(norm, monkeypatch):
+    # a norm that spends products (uses_curvature) gets the counted operator: they are counted too
+    norm = trlib.norms.Hutchinson(probes=2) if norm == "hutchinson" else norm
     model, x, y = _problem()
     products, forwards = [], []
     real = curvature.hvp_double_backward

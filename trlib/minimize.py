@@ -152,6 +152,8 @@ def minimize(
     generator = torch.Generator().manual_seed(0)
     solver = get_solver(method, max_iter=max_krylov, generator=generator, certificate=certificate)
     shape = norms.get_norm(norm)
+    if getattr(shape, "uses_per_sample_gradients", False):
+        raise ValueError(f"Invalid norm: {shape.name!r} needs per-sample gradients; a function of x has none")
     norm_state = shape.init(x0)
     eps = torch.finfo(x0.dtype).eps
 

@@ -144,6 +144,10 @@ class TrustRegion(torch.optim.Optimizer):
                  module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0,
                  distributed: bool = False, process_group=None):
         shape = norms.get_norm(norm, beta=beta, eps=eps)
+        if getattr(shape, "uses_per_sample_gradients", False):
+            raise ValueError(f"Invalid norm: {shape.name!r} needs per-sample gradients, which a closure that returns "
+                             "the batch's loss does not give; TrustRegion supports norms of the gradient (and of "
+                             "Hessian-vector products)")
         if decrease is None:
             decrease = DEFAULTS.get(shape.name, _FALLBACK)["decrease"]
         defaults = dict(norm=shape.name, radius=None if radius is None else float(radius), max_radius=max_radius,

@@ -361,7 +361,8 @@ def test_jsonl_round_trip_and_bad_files(tmp_path):
     assert r.provenance["integrity"] == {"records": 3, "sha256": hashlib.sha256(head + b"\n" + body).hexdigest()}
     nan = [dict(records[0], train_loss=float("nan"))]
     write_run(tmp_path / "b.jsonl", prov, nan)
-    assert math.isnan(load_results(tmp_path / "b.jsonl")[0]["train_loss"]) and load_runs(tmp_path / "b.jsonl")[0].verified
+    assert math.isnan(load_results(tmp_path / "b.jsonl")[0]["train_loss"])
+    assert load_runs(tmp_path / "b.jsonl")[0].verified
     legacy = "\n".join(json.dumps(x) for x in [{"provenance": prov}] + records) + "\n"  # before checksums
     (tmp_path / "legacy.jsonl").write_text(legacy)
     (old,) = load_runs(tmp_path / "legacy.jsonl")

@@ -28,7 +28,8 @@ def fake(method, seed, slope, task="mnist_mlp", dataset=STAND_IN, steps=11, acc=
     for i in range(steps):
         x = 10.0 * i
         out.append(dict(task=task, method=method, seed=seed, dataset=dataset, step=i, backprops=x, epoch=x / 50,
-                        data_passes=x / 20, time=x / 100 * (1 + seed), train_loss=1 / (1 + slope * x), test_loss=1 / (1 + slope * x),
+                        data_passes=x / 20, time=x / 100 * (1 + seed), train_loss=1 / (1 + slope * x),
+                        test_loss=1 / (1 + slope * x),
                         train_acc=min(1.0, slope * x / 10) if acc else None,
                         test_acc=min(1.0, slope * x / 12) if acc else None))
     return out

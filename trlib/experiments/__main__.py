@@ -224,8 +224,8 @@ def _run_all(args, tasks, methods, overrides, budget, data, device, ctx) -> int:
                 acc += "" if math.isfinite(last["train_loss"]) else " (diverged)"
                 procs = "" if ctx is None else f" ({ctx.world_size} processes)"
                 print(f"{task} {method} seed {seed} on {last['dataset']}{procs}: {last['epoch']:.2f} epochs, "
-                      f"{last['backprops']:.10g} backprops, {last['data_passes']:.4g} data passes, {last['time']:.1f} s, "
-                      f"train loss {last['train_loss']:.4g}{acc}", flush=True)
+                      f"{last['backprops']:.10g} backprops, {last.get('data_passes', math.nan):.4g} data passes, "
+                      f"{last['time']:.1f} s, train loss {last['train_loss']:.4g}{acc}", flush=True)
     if skipped and main:
         print(f"not run here, because another process is writing them: {', '.join(skipped)}", file=sys.stderr)
     return 1 if skipped else 0
@@ -295,7 +295,8 @@ def _cmd_plot(args, parser) -> int:
 
 def _cmd_config(args, parser) -> int:
     try:
-        cfg = get_config(args.task, args.method, quick=args.quick, preset=args.preset, **parse_overrides(args.overrides))
+        cfg = get_config(args.task, args.method, quick=args.quick, preset=args.preset,
+                         **parse_overrides(args.overrides))
     except ValueError as err:
         parser.error(str(err))
     print(json.dumps(cfg, indent=2))

@@ -598,7 +598,7 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
     cfg = get_config(task, method, quick=quick, preset=preset, **dict(overrides or {}))
     if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
         raise ValueError(f"invalid seed {seed!r}: expected an int >= 0")
-    folder = prepare_out(out) if out is not None and main else None if out is None else Path(out)
+    folder = None if out is None else prepare_out(out) if main else Path(out)  # checked before any loading
     if datasets is None and distributed is not None:  # rank 0 first: it may download, the others follow it
         datasets = load_data_on_rank0_first(
             distributed, lambda d, v: load_data(task, d, device=device, root=data_root, verbose=verbose and v), data)

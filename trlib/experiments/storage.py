@@ -39,8 +39,8 @@ from typing import Any, Union
 
 from .._atomic import atomic_write, temporary_path
 
-__all__ = ["atomic_write", "remove_temporaries", "RunLock", "RunLockedError", "CheckpointError", "save_checkpoint",
-           "load_checkpoint"]
+__all__ = ["atomic_write", "temporary_path", "remove_temporaries", "RunLock", "RunLockedError", "CheckpointError",
+           "save_checkpoint", "load_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 _MAGIC = b"TRLIB-CHECKPOINT\n"

@@ -307,7 +307,7 @@ class Hutchinson(Norm):
             batched = getattr(hvp, "batched", None)
             hz = batched(z) if batched is not None and self.probes > 1 else torch.stack([hvp(row) for row in z])
             estimate = (z * hz).mean(0)
-            if not bool(torch.all(torch.isfinite(estimate))):  # before the state is touched
+            if not bool(torch.all(torch.isfinite(estimate))):  # before the state is touched (one sync)
                 raise FloatingPointError("Hessian-vector product returned a non-finite value")
             state["diag_avg"].mul_(self.beta).add_(estimate, alpha=1.0 - self.beta)
             state["count"] += 1
@@ -422,6 +422,7 @@ class Safeguarded(Norm):
         for label, value in (("mu", mu), ("max_condition", max_condition)):
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
                 raise ValueError(f"Invalid {label}: {value!r} (must be a finite float >= 1)")
+        self.name = f"safeguarded_{self.norm.name}"  # a checkpoint names the inner norm too
         self.mu = None if mu is None else float(mu)
         self.max_condition = None if max_condition is None else float(max_condition)
         self.uses_curvature = getattr(self.norm, "uses_curvature", False)

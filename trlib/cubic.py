@@ -187,7 +187,11 @@ def _lanczos(g: Tensor, op: Operator, sigma: float, rtol: float, max_iter: int, 
         else:
             tol = rtol * max(lz.scale, 1e-300) * max(hnorm, 1e-300)
         if lz.broke_down:
-            settled = False  # invariant Krylov space: the complement may hold lower curvature
+            # An invariant block grown from g says nothing of the complement, which may hold lower
+            # curvature: go on with a random block. One grown from a random vector holds the leftmost
+            # eigenvalue of the rest (with probability 1), and g has no component there: done.
+            closed = lz.block_starts[-2] if lz.block_starts[-1] == lz.k else lz.block_starts[-1]
+            settled = gamma == 0 or closed > 0
         elif gamma == 0 or len(lz.block_starts) > 1 or (theta[0] < 0 and lam + theta[0] <= 1e-2 * max(lam, 1e-300)):
             # a block started at random, or a (near) hard case in the Krylov space: the step
             # leans on the leftmost Ritz pair, so that pair must have converged

@@ -175,10 +175,9 @@ def test_float32_with_badly_scaled_ellipsoids(method, inst):
     assert np.all(np.isfinite(s))
     s_ref, _ = cubic_reference(H, g, sigma, ellipsoid)
     best = model(H, g, sigma, s_ref, ellipsoid)
-    # at least 99% of the optimal decrease, or within 1e-3 of the model's terms (the float32 bound of
-    # tests/test_subproblem.py: Lanczos's breakdown test, relative to ||H||, can cut couplings that a
-    # 12-orders ellipsoid makes small but real; the dense float64 reference does not)
-    assert model(H, g, sigma, s, ellipsoid) <= max(0.99 * best, best + 1e-3 * _scale(H, g, sigma, ellipsoid, s_ref))
+    # at least 99% of the optimal decrease, or within a few float32 roundings of the model's terms
+    # (an ellipsoid over 12 orders can push curvature below float32's resolution of the products)
+    assert model(H, g, sigma, s, ellipsoid) <= max(0.99 * best, best + 1e-6 * _scale(H, g, sigma, ellipsoid, s_ref))
 
 
 # ----------------------------------------------------------------------------- closed forms and behaviour

@@ -207,7 +207,7 @@ def test_hutchinson_refuses_missing_or_non_finite_products():
     state = rule.init(torch.zeros(3))
     with pytest.raises(ValueError, match="hvp"):
         rule.update(state, torch.ones(3))
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(trlib.NonFiniteCurvatureError):
         rule.update(state, torch.ones(3), hvp=lambda v: v * float("nan"))
     assert float(state["count"]) == 0 and not torch.any(state["diag_avg"])  # state untouched
     assert norms.Hutchinson.uses_curvature and not norms.RMS.uses_curvature
@@ -319,3 +319,22 @@ def test_new_norms_validation_and_names():
     ]:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_safeguarded_norm_in_trust_region_bounds_mu_and_checkpoints_by_name():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    closure = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    opt = trlib.TrustRegion(model.parameters(), norm=norms.Safeguarded("adagrad", mu=10.0))
+    start = float(closure())
+    for _ in range(15):
+        opt.step(closure)
+        assert trlib.equivalence_constant(opt.ellipsoid) <= 10.0 * (1 + 1e-6)
+    assert float(closure()) < start
+    saved = opt.state_dict()
+    again = trlib.TrustRegion(model.parameters(), norm=norms.Safeguarded("adagrad", mu=10.0))
+    again.load_state_dict(saved)
+    torch.testing.assert_close(again.ellipsoid, opt.ellipsoid)
+    with pytest.raises(ValueError, match="norm"):  # an unguarded Adagrad is another norm
+        trlib.TrustRegion(model.parameters(), norm="adagrad").load_state_dict(saved)

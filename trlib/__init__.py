@@ -11,7 +11,7 @@ from . import _startup
 
 _startup.quiet_interrupts()  # under `python -m trlib.experiments`: a Ctrl-C while torch loads ends in one line
 
-from . import curvature, lanczos, norms, region, subproblem
+from . import analysis, cubic, curvature, gauss_newton, lanczos, norms, region, subproblem
 from .curvature import FlatView, NonFiniteCurvatureError, Operator, dense_hessian, flat_grad, frozen_batchnorm_stats
 from .lanczos import smallest_eigenpair
 from .minimize import MinimizeResult, minimize
@@ -40,7 +40,10 @@ __all__ = [
     "ellipsoid_norm",
     "equivalence_constant",
     "get_norm",
+    "analysis",
+    "cubic",
     "curvature",
+    "gauss_newton",
     "lanczos",
     "norms",
     "region",

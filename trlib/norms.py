@@ -51,6 +51,8 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
+from .curvature import NonFiniteCurvatureError
+
 __all__ = [
     "Norm",
     "Uniform",
@@ -308,7 +310,7 @@ class Hutchinson(Norm):
             hz = batched(z) if batched is not None and self.probes > 1 else torch.stack([hvp(row) for row in z])
             estimate = (z * hz).mean(0)
             if not bool(torch.all(torch.isfinite(estimate))):  # before the state is touched (one sync)
-                raise FloatingPointError("Hessian-vector product returned a non-finite value")
+                raise NonFiniteCurvatureError()
             state["diag_avg"].mul_(self.beta).add_(estimate, alpha=1.0 - self.beta)
             state["count"] += 1
         state["calls"] += 1

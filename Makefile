@@ -11,7 +11,7 @@ BOOK_FLAGS ?= -W -n --keep-going
 NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
 PYTEST_WORKERS ?= 2
 
-.PHONY: book test test-lib test-notebooks venv clean benchmarks
+.PHONY: book test test-lib test-notebooks venv clean benchmarks repository-url
 
 venv: $(STAMP)
 
@@ -31,11 +31,18 @@ test: test-lib test-notebooks
 test-lib: $(STAMP)
 	$(PY) -m pytest tests trlib --doctest-modules -q -n $(PYTEST_WORKERS) -p no:cacheprovider
 
+# Every chapter executes as on Colab: myst-nb hidden from the kernel (tests/without_myst_nb).
 test-notebooks: $(STAMP)
+	PYTHONPATH="$(CURDIR)/tests/without_myst_nb$${PYTHONPATH:+:$$PYTHONPATH}" \
 	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=300 -q -n $(PYTEST_WORKERS) --dist loadfile -p no:cacheprovider $(NOTEBOOKS)
 
 benchmarks: $(STAMP)
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# The repository's address is one setting (pyproject.toml [project.urls] Repository):
+# `make repository-url URL=https://github.com/OWNER/REPO` sets it and rewrites every place derived from it.
+repository-url:
+	$(PYTHON) tools/sync_repository_url.py $(if $(URL),--set $(URL))
 
 clean:
 	rm -rf _build

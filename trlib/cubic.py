@@ -24,11 +24,13 @@ root is unique. When :math:`c` vanishes on the leftmost eigenspace and
 
 Methods of :func:`solve_cubic`:
 
-``"lanczos"`` the model restricted to the Lanczos space of :math:`\tilde g`, solved exactly
-              through the eigendecomposition of the tridiagonal :math:`T_k`; stops on the
-              model's gradient (below); restarts when the Krylov space becomes invariant, which
-              finds the hard case;
-``"exact"``   the dense eigendecomposition, for small problems and as a reference.
+``"lanczos"``
+    the model restricted to the Lanczos space of :math:`\tilde g`, solved exactly
+    through the eigendecomposition of the tridiagonal :math:`T_k`; stops on the
+    model's gradient (below); restarts when the Krylov space becomes invariant, which
+    finds the hard case;
+``"exact"``
+    the dense eigendecomposition, for small problems and as a reference.
 
 Example: a saddle, where the Newton step would go uphill.
 

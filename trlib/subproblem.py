@@ -20,17 +20,21 @@ A solver is an object: :meth:`Solver.query` does the work that depends only on t
 (the Hessian-vector products: a Krylov basis, a factorization) and :meth:`Solver.solve`
 answers for a radius, as often as the trust-region loop asks. Registered by name:
 
-``"cauchy"``  the minimiser along :math:`-A^{-1} g` (one product);
-``"cg"``      Steihaug-Toint truncated CG, the paper's solver (re-runs for each radius);
-``"gltr"``    Lanczos (GLTR): solves the subproblem exactly on the Krylov space, keeps
-              improving on the boundary, and re-solves a smaller radius with no new product.
-              It starts a new Lanczos block after a breakdown only when the solution points
-              at a hard case (the multiplier at minus the leftmost Ritz value, on the
-              boundary), or with ``rtol=0`` (explore everything). An exact hard case (``g``
-              orthogonal to the leftmost eigenvector) is invisible to any Krylov space of
-              ``g``; ``certificate=True`` looks for it with a few Lanczos steps from a random
-              start, counted as products;
-``"exact"``   dense Moré-Sorensen via an eigendecomposition, for small problems.
+``"cauchy"``
+    the minimiser along :math:`-A^{-1} g` (one product);
+``"cg"``
+    Steihaug-Toint truncated CG, the paper's solver (re-runs for each radius);
+``"gltr"``
+    Lanczos (GLTR): solves the subproblem exactly on the Krylov space, keeps
+    improving on the boundary, and re-solves a smaller radius with no new product.
+    It starts a new Lanczos block after a breakdown only when the solution points
+    at a hard case (the multiplier at minus the leftmost Ritz value, on the
+    boundary), or with ``rtol=0`` (explore everything). An exact hard case (``g``
+    orthogonal to the leftmost eigenvector) is invisible to any Krylov space of
+    ``g``; ``certificate=True`` looks for it with a few Lanczos steps from a random
+    start, counted as products;
+``"exact"``
+    dense Moré-Sorensen via an eigendecomposition, for small problems.
 
 A non-finite Hessian-vector product makes every solver raise the same
 :class:`trlib.NonFiniteCurvatureError`.

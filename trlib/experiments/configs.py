@@ -57,6 +57,7 @@ __all__ = ["METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID", "ADAM_TUNING", "
 TR_METHODS = {"tr_uniform": "uniform", "tr_adagrad": "adagrad", "tr_rms": "rms"}
 #: First-order baselines -> the torch.optim class name.
 FIRST_ORDER = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam"}
+#: Every method the runner trains: the TR methods, then the first-order baselines.
 METHODS = tuple(TR_METHODS) + tuple(FIRST_ORDER)
 
 _NORM_INDEX = {"uniform": 0, "adagrad": 1, "rms": 2}
@@ -153,7 +154,7 @@ def get_config(task: str, method: str, *, quick: bool = False, preset: Optional[
                **overrides: Any) -> Dict[str, Any]:
     """The full configuration of ``method`` on ``task``; keyword arguments override keys.
 
-    ``quick``: quick mode's changes (:func:`_quick`); ``preset``: a name of :data:`PRESETS`.
+    ``quick``: quick mode's changes (``_quick``); ``preset``: a name of :data:`PRESETS`.
     Order: the defaults, quick mode, the preset, ``overrides``. The result records ``preset``.
 
     Raises ValueError for an unknown task, method, preset or key, or a value of the wrong type.

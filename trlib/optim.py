@@ -355,10 +355,12 @@ class TrustRegion(torch.optim.Optimizer):
             this process's; ``last["loss"]`` holds the average).
 
         Raises:
-            NonFiniteLossError: the loss or gradient is NaN/inf at the current point.
-            NonFiniteCurvatureError: a Hessian-vector product is NaN/inf.
-            In both cases the weights and the optimizer's state are left as they were
-            (the work spent is counted). ``ValueError`` for a closure that breaks the contract.
+            NonFiniteLossError: the loss or gradient is NaN/inf at the current point; the
+                weights and the optimizer's state are left as they were (the work spent is
+                counted).
+            NonFiniteCurvatureError: a Hessian-vector product is NaN/inf; the weights and
+                the optimizer's state are left as they were (the work spent is counted).
+            ValueError: a closure that breaks the contract.
         """
         if closure is None or not callable(closure):
             raise ValueError("TrustRegion.step needs a closure that returns the mini-batch loss (no backward inside)")

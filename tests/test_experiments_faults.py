@@ -431,7 +431,16 @@ def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "trlib.experiments", "run", "--task", "mnist_mlp", "--method",
                              "sgd", "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.5)  # importing torch
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    if not maps.exists():  # no /proc: torch takes seconds to import
+        time.sleep(1.0)
+    while time.monotonic() < deadline:  # wait until it imports torch (in trlib/__init__), however loaded the CPU
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in err and "interrupted" in err

@@ -61,7 +61,7 @@ OUTCOME_WORD = re.compile(rf"\b(?:{_WORDS})\b", re.IGNORECASE)
 COMPARISON = re.compile(r"\b(?:more|less|lower|higher|smaller|larger|greater|longer|shorter|cheaper|costlier)\b"
                         r"[^.;]*?\bthan\b", re.IGNORECASE)
 THRESHOLD = re.compile(r"\b(?:below|above)\s+(?:VALUE|MATH|\d)", re.IGNORECASE)
-RUN_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:\s*[-–]\s*\d+(?:\.\d+)?)?\s*(?:%|×|x\b|percent\b|"
+RUN_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:\s*[-–]\s*\d+(?:\.\d+)?)?\s*(?:%|×(?!\s*\d)|x\b|percent\b|"
                         r"(?:Hessian-vector )?products?\b|iterations?\b|steps?\b|backprops?\b|backpropagations?\b|"
                         r"epochs?\b|seconds?\b|rejections?\b|evaluations?\b|runs?\b|times\b)", re.IGNORECASE)
 ATTRIBUTION = re.compile(r"\bCITE\b|\bPRFREF\b|\bthe paper\b|\bthe authors\b|"

@@ -237,8 +237,15 @@ def test_bad_closures_and_groups():
         opt.step(lambda: model(x))  # not a scalar
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: nn.functional.cross_entropy(model(x), y).detach())
-    with pytest.raises(ValueError, match="parameter groups"):
-        trlib.TrustRegion([{"params": [model[0].weight]}, {"params": [model[2].weight]}])
+    with pytest.raises(ValueError, match="only \\['lr', 'weight_decay'\\] may differ"):
+        trlib.TrustRegion([{"params": [model[0].weight]}, {"params": [model[2].weight], "method": "gltr"}])
+
+
+@pytest.mark.parametrize("method", ["cauchy", "cg", "gltr", "exact"])
+def test_an_hvp_of_the_wrong_shape_is_a_clear_error(method):
+    g = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Invalid hvp: returned .*3.* for a vector of shape \(4,\)"):
+        trlib.solve_subproblem(g, lambda v: v[:3], 1.0, method=method)
 
 
 def test_last_step_is_readable():

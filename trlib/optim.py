@@ -16,6 +16,14 @@ Work per iteration: 1 gradient (a forward and a backward, with graph) + ``k`` He
 vector products + 1 forward; ``opt.counts`` adds them up exactly (by wrapping the closure
 and the operator).
 
+In a torch training stack (the README's recipes): the trial evaluation replays the random
+state of the closure's first call (dropout draws the same masks at :math:`w_t` and
+:math:`w_t + s_t`) and leaves BatchNorm's running statistics alone; ``p.grad`` holds the
+mini-batch gradient after the step; ``lr`` is a multiplier on the region (so learning-rate
+schedulers work), per parameter group, with per-group ``weight_decay``; what cannot work
+(``GradScaler``, a closure that calls ``backward``, half-precision weights or losses,
+double backward through ``torch.compile``) is refused with a message saying what to do.
+
 Example
 -------
 >>> import torch, trlib
@@ -28,12 +36,15 @@ Example
 ...     loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
 >>> opt.counts["gradient"], opt.counts["forward"]
 (20, 20)
+>>> model.weight.grad is not None  # the gradient of the returned loss, as after backward()
+True
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +67,8 @@ DEFAULTS: Dict[str, Dict[str, float]] = {
 }
 _FALLBACK = {"decrease": 1.5}
 _HVP_MODES = ("double_backward", "forward_over_reverse")
+#: The options a parameter group may set for itself; every other one is optimizer-wide.
+_PER_GROUP = {"lr": 1.0, "weight_decay": 0.0}
 
 
 class NonFiniteLossError(FloatingPointError, ValueError):
@@ -83,14 +96,126 @@ def _check(h: dict) -> None:
         raise ValueError(f"Invalid hvp: {h['hvp']!r}; expected one of {_HVP_MODES}")
     if not isinstance(h["seed"], int):
         raise ValueError(f"Invalid seed: {h['seed']!r} (must be an int)")
+    for name in _PER_GROUP:
+        value = h[name]
+        if isinstance(value, Tensor) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
+
+
+def _check_tensors(params, when: str = "") -> None:
+    """Parameters one flat step can move: real float32/float64, materialised, one device and dtype."""
+    for p in params:
+        if p.is_complex() or p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Invalid params: TrustRegion needs float32 or float64 parameters, got {p.dtype}{when} "
+                             "(keep the weights in float32 and use torch.autocast in the closure for speed)")
+    if any(p.is_meta for p in params):
+        raise ValueError(f"Invalid params: a parameter is on the meta device{when}, so it has no values; "
+                         "materialise the model first (model.to_empty(device=...), then initialise it; that makes "
+                         "new parameters), then create TrustRegion from model.parameters()")
+    if not when:  # at construction: the model may still move to one device before the first step
+        return
+    kinds = sorted({f"{p.dtype} on {p.device}" for p in params})
+    if len(kinds) > 1:
+        raise ValueError(f"Invalid params: the parameters mix {kinds}{when}; one step moves them as one vector, "
+                         "so they must share one device and one dtype")
+
+
+def _per_coordinate(values: List[float], sizes: List[int], like: Tensor) -> Union[float, Tensor]:
+    """A group option as one number when every group with parameters agrees, else one entry per coordinate."""
+    used = {float(v) for v, n in zip(values, sizes) if n}
+    if len(used) <= 1:
+        return used.pop() if used else 0.0
+    return torch.cat([torch.full((n,), float(v), dtype=like.dtype, device=like.device) for v, n in zip(values, sizes)])
+
+
+class _ReplayedRandomness:
+    """The global CPU and CUDA generators: their states before and after the closure's first
+    call; every later call of the same step starts from the first call's state (dropout draws
+    the same masks) and ends as the first call did (the generators advance once per step, so a
+    resumed run continues bit for bit). Other generators (``torch.Generator`` objects the
+    closure owns) are the closure's business."""
+
+    def __init__(self, params):
+        cuda = {p.device for p in params if p.device.type == "cuda"}
+        self.cuda = sorted(d.index if d.index is not None else torch.cuda.current_device() for d in cuda)
+
+    def _get(self):
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in self.cuda]
+
+    def _set(self, states) -> None:
+        torch.set_rng_state(states[0])
+        for i, s in zip(self.cuda, states[1]):
+            torch.cuda.set_rng_state(s, i)
+
+    def first(self, fn):
+        self.before = self._get()
+        out = fn()
+        self.after = self._get()
+        return out
+
+    def again(self, fn):
+        self._set(self.before)
+        try:
+            return fn()
+        finally:
+            self._set(self.after)
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(module: Optional[nn.Module]):
+    """BatchNorm layers that run in the block normalise with batch statistics, as at the first
+    call, and leave their running statistics and ``num_batches_tracked`` alone: those of
+    ``module``, or without it any that runs (found by a global forward pre-hook)."""
+    if module is not None:
+        with curvature.frozen_batchnorm_stats(module):
+            yield
+        return
+    frozen = []
+
+    def pre_hook(m, args):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            m.track_running_stats = False
+            frozen.append(m)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for m in frozen:
+            m.track_running_stats = True
+
+
+#: torch's own messages for contracts a closure can break, and what to do instead.
+_EXPLAINED = (
+    ("does not currently support double backward",
+     "the model is compiled with torch.compile, whose autograd cannot differentiate twice: pass "
+     "TrustRegion(..., module=model, hvp='forward_over_reverse'), which works with compiled models"),
+    ("backward through the graph a second time",
+     "the loss's graph was freed before TrustRegion could differentiate it (does the closure call "
+     "backward()? It must only return the loss)"),
+)
+
+
+@contextlib.contextmanager
+def _explained_errors():
+    try:
+        yield
+    except RuntimeError as exc:
+        for pattern, message in _EXPLAINED:
+            if pattern in str(exc):
+                raise ValueError(f"Invalid closure: {message}") from exc
+        raise
 
 
 class TrustRegion(torch.optim.Optimizer):
     r"""Stochastic trust-region Newton method with adaptive ellipsoidal norms.
 
     Args:
-        params: the parameters (a single group; like L-BFGS, one step couples them all).
-            Real float32 or float64 tensors, each given once.
+        params: the parameters, or parameter groups (dicts) that may set their own ``lr`` and
+            ``weight_decay``; one step couples all groups (one model, one radius). Real float32
+            or float64 tensors on one device, each given once. Parameters with
+            ``requires_grad=False`` are left alone (do not switch it after the first step).
         norm: the region's shape: ``"uniform"`` (sphere), ``"adagrad"``, ``"rms"`` (the
             paper's), ``"adam"``, or a :class:`trlib.norms.Norm` (recorded by its ``name``).
         radius: initial radius :math:`\Delta_0`. Default (None): the length
@@ -111,10 +236,10 @@ class TrustRegion(torch.optim.Optimizer):
         beta, eps: the norm's decay rate and floor (see :mod:`trlib.norms`).
         gtol: gradients of norm at most ``gtol`` are set to zero (Algorithm 1, step 4).
         hvp: ``"double_backward"`` (works with any closure) or ``"forward_over_reverse"``
-            (needs ``module``; no gradient graph is kept between products).
-        module: the ``nn.Module`` the parameters belong to. Optional for double backward;
-            when given, BatchNorm running statistics are frozen during trial evaluations,
-            so they move once per step. (Not a hyperparameter: not in the state dict.)
+            (needs ``module``; no gradient graph is kept between products; the mode that
+            works with ``torch.compile``).
+        module: the ``nn.Module`` the parameters belong to, needed for forward-over-reverse
+            products. (Not a hyperparameter: not in the state dict.)
         check_every: CG looks at its stopping test once every this many products (on a GPU
             each look is a host-device synchronisation).
         seed: seed of the generator for GLTR's random vectors (restarts, certificate).
@@ -124,25 +249,40 @@ class TrustRegion(torch.optim.Optimizer):
             with one all-reduce each, so every process computes the same step. The result
             equals a single process on the union of the shards (equal shard sizes).
         process_group: the group to reduce over (default: the world).
+        lr: a multiplier on the region, per parameter group (default 1): the step satisfies
+            :math:`\|D^{-1} s\|_{A} \le \Delta` with :math:`D` the groups' ``lr`` on their
+            coordinates. With one value for all groups that is :math:`\|s\|_A \le
+            \text{lr}\cdot\Delta`: the live radius and its cap scale with it, which is what a
+            learning-rate scheduler (``StepLR``, ``ReduceLROnPlateau``, warm-up, cosine)
+            schedules. ``lr=0`` freezes a group (a step with every ``lr`` at 0 moves nothing).
+        weight_decay: per parameter group, the L2 term
+            :math:`\tfrac{\lambda}{2}\|w_{\text{group}}\|^2` added to the objective the
+            region models (its gradient, curvature, and the losses in :math:`\rho`); the
+            returned loss and ``p.grad`` stay the closure's (torch's convention).
 
     Every hyperparameter above except ``module``, ``distributed`` and ``process_group``
-    lives in ``defaults`` and in the param group, so ``state_dict()`` records it and
-    ``load_state_dict()`` checks it (a checkpoint of another norm is refused). The
-    optimizer's state (live radius, step count, counts, the norm's state, the generator) is
-    kept under the first parameter, as L-BFGS does.
+    lives in ``defaults`` and in the param groups, so ``state_dict()`` records it and
+    ``load_state_dict()`` checks it (a checkpoint of another norm is refused). Only ``lr``
+    and ``weight_decay`` may differ between groups; the others are optimizer-wide, read from
+    the first group. The optimizer's state (live radius, step count, counts, the norm's
+    state, the generator) is kept under the first parameter, as L-BFGS does.
 
     Attributes: ``radius`` (for the next step), ``counts`` (``"gradient"``, ``"hvp"``,
     ``"forward"``: cumulative evaluations; ``"hvp"`` in units of full-batch products; a
     backprop is a gradient or a product), ``backprops``, ``last`` (the last step's radius,
-    rho, acceptance, losses, model decrease, ...), ``ellipsoid``.
+    rho, acceptance, losses (of the objective, weight decay included), model decrease, ...),
+    ``ellipsoid``.
     """
+
+    # GradScaler calls step() of such an optimizer directly, so that step() can refuse it clearly.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, *, norm="rms", radius: Optional[float] = None, max_radius: float = 10.0,
                  eta1: float = 0.01, eta2: float = 0.95, increase: float = 1.1, decrease: Optional[float] = None,
                  method: str = "cg", krylov_tol: float = 0.1, max_krylov: int = 50, beta: float = 0.8,
                  eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
                  module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0,
-                 distributed: bool = False, process_group=None):
+                 distributed: bool = False, process_group=None, lr: float = 1.0, weight_decay: float = 0.0):
         shape = norms.get_norm(norm, beta=beta, eps=eps)
         if getattr(shape, "uses_per_sample_gradients", False):
             raise ValueError(f"Invalid norm: {shape.name!r} needs per-sample gradients, which a closure that returns "
@@ -153,32 +293,56 @@ class TrustRegion(torch.optim.Optimizer):
         defaults = dict(norm=shape.name, radius=None if radius is None else float(radius), max_radius=max_radius,
                         eta1=eta1, eta2=eta2, increase=increase, decrease=decrease, method=method,
                         krylov_tol=krylov_tol, max_krylov=max_krylov, beta=getattr(shape, "beta", beta),
-                        eps=getattr(shape, "eps", eps), gtol=gtol, hvp=hvp, check_every=check_every, seed=seed)
+                        eps=getattr(shape, "eps", eps), gtol=gtol, hvp=hvp, check_every=check_every, seed=seed,
+                        lr=lr, weight_decay=weight_decay)
         _check(defaults)
         if hvp == "forward_over_reverse" and module is None:
             raise ValueError("Invalid module: hvp='forward_over_reverse' needs the nn.Module (module=model)")
         if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("Invalid distributed: torch.distributed is not initialized "
                              "(call torch.distributed.init_process_group first, e.g. under torchrun)")
-        params = list(params)
-        tensors = [p for p in params if isinstance(p, Tensor)]
-        if len({id(p) for p in tensors}) != len(tensors):
-            raise ValueError("Invalid params: a parameter appears more than once (its step would be applied twice)")
-        for p in tensors:
-            if p.is_complex() or p.dtype not in (torch.float32, torch.float64):
-                raise ValueError(f"Invalid params: TrustRegion needs float32 or float64 parameters, got {p.dtype} "
-                                 "(keep the weights in float32 and use torch.autocast for speed)")
-        super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError("TrustRegion doesn't support per-parameter options (parameter groups)")
         self.norm, self._named_norm = shape, isinstance(norm, str) or norm is None
+        super().__init__(params, defaults)
         self.module = module
         self.distributed = bool(distributed)
         self.process_group = process_group
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of parameters (e.g. layers unfrozen while fine-tuning); they train from the next step.
+
+        The group may set its own ``lr`` and ``weight_decay``; any other option it names must equal
+        the optimizer's (one trust region couples all groups). After the first step, the norm's
+        state for the new coordinates starts as a fresh optimizer's would.
+        """
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), set):
+            given = param_group.get("params", [])
+            given = [given] if isinstance(given, Tensor) else list(given)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in given]
+            if len({id(p) for p in tensors}) != len(tensors):
+                raise ValueError("Invalid params: a parameter appears more than once (its step would be applied twice)")
+            _check_tensors([p for p in tensors if isinstance(p, Tensor)])
+            param_group["params"] = given
+            reference = self.param_groups[0] if self.param_groups else self.defaults
+            for key, value in param_group.items():
+                if key in self.defaults and key not in _PER_GROUP and value != reference[key]:
+                    raise ValueError(f"Invalid param group: {key}={value!r} differs from the optimizer's "
+                                     f"{key}={reference[key]!r}; only {sorted(_PER_GROUP)} may differ between groups "
+                                     "(one trust region couples them)")
+            for key in self.defaults:
+                if key not in _PER_GROUP:
+                    param_group.setdefault(key, reference[key])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check(group)
+            self._extend_state(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     # ------------------------------------------------------------------ state
     def _params(self):
-        return [p for p in self.param_groups[0]["params"] if p.requires_grad]
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _state(self, create: bool = False) -> dict:
         """The optimizer-wide state, kept under the first parameter ({} before the first step)."""
@@ -195,10 +359,37 @@ class TrustRegion(torch.optim.Optimizer):
                       generator=torch.Generator().manual_seed(group["seed"]).get_state())
         return st
 
+    def _extend_state(self, group: dict) -> None:
+        """After the first step, a new group's coordinates join the norm's state (appended: they
+        come last in the flat vector), initialised as a fresh state's."""
+        if not self.param_groups or not self.param_groups[0]["params"] or not self._state():
+            return
+        st = self._state()
+        new = sum(p.numel() for p in group["params"] if p.requires_grad)
+        if not new:
+            return
+        old = st["size"]
+        saved = st["norm_state"]
+        device = next((v.device for v in saved.values() if v.numel() == old), self._params()[0].device)
+        template = self.norm.init(torch.zeros(old + new, dtype=self._params()[0].dtype, device=device))
+        grown = {}
+        for key, fresh in template.items():
+            if fresh.shape == saved[key].shape:  # an optimizer-wide entry (a count)
+                grown[key] = saved[key]
+            elif fresh.ndim == 1 and saved[key].shape == (old,):
+                grown[key] = torch.cat([saved[key], fresh[old:].to(saved[key])])
+            else:
+                raise ValueError(f"Invalid param group: the {self.norm.name!r} norm's state entry {key!r} is not per "
+                                 "coordinate, so new parameters cannot join after the first step; add the group "
+                                 "before the first step or create a new TrustRegion")
+        st.update(norm_state=grown, size=old + new)
+
     @property
     def radius(self) -> Optional[float]:
         """The radius the next step will use (None before an automatic first radius is set)."""
-        return self._state().get("radius", self.param_groups[0]["radius"])
+        group = self.param_groups[0]
+        r = self._state().get("radius", group["radius"])
+        return r if r is None else min(r, group["max_radius"])
 
     @property
     def counts(self) -> Dict[str, float]:
@@ -229,15 +420,21 @@ class TrustRegion(torch.optim.Optimizer):
             raise ValueError("Invalid state_dict: expected the dict of TrustRegion.state_dict() "
                              "(keys 'state' and 'param_groups')")
         groups = state_dict["param_groups"]
-        if not isinstance(groups, list) or len(groups) != 1:
-            raise ValueError("Invalid state_dict: a TrustRegion checkpoint has exactly one param group")
-        missing = [k for k in self.defaults if k not in groups[0]]
-        if missing:
-            raise ValueError(f"Invalid state_dict: the param group lacks {missing} (not a TrustRegion checkpoint?)")
-        if groups[0]["norm"] != self.norm.name:
-            raise ValueError(f"Invalid state_dict: saved with norm {groups[0]['norm']!r}, but this optimizer's "
-                             f"norm is {self.norm.name!r}")
-        _check(groups[0])
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups) or not all(
+                isinstance(g, dict) for g in groups):
+            raise ValueError(f"Invalid state_dict: expected {len(self.param_groups)} param group(s) like this "
+                             "optimizer's (a checkpoint of another model or optimizer?)")
+        # checkpoints from before per-group options: their values were these defaults
+        groups = [{**_PER_GROUP, **g} for g in groups]
+        state_dict = {**state_dict, "param_groups": groups}
+        for g in groups:
+            missing = [k for k in self.defaults if k not in g]
+            if missing:
+                raise ValueError(f"Invalid state_dict: the param group lacks {missing} (not a TrustRegion checkpoint?)")
+            if g["norm"] != self.norm.name:
+                raise ValueError(f"Invalid state_dict: saved with norm {g['norm']!r}, but this optimizer's "
+                                 f"norm is {self.norm.name!r}")
+            _check(g)
         if groups[0]["hvp"] == "forward_over_reverse" and self.module is None:
             raise ValueError("Invalid state_dict: hvp='forward_over_reverse' needs the nn.Module (module=model)")
         super().load_state_dict(state_dict)
@@ -255,23 +452,28 @@ class TrustRegion(torch.optim.Optimizer):
         r = st["radius"]
         if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
             raise ValueError(f"Invalid state_dict: radius {r!r} (must be positive and finite)")
-        if set(st["counts"]) != {"gradient", "hvp", "forward"}:
+        if not isinstance(st["counts"], dict) or set(st["counts"]) != {"gradient", "hvp", "forward"}:
             raise ValueError(f"Invalid state_dict: counts {st['counts']!r}")
         params = self._params()
         like = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        template = self.norm.init(like)
-        saved = st["norm_state"]
         if st["size"] != like.numel():
             raise ValueError(f"Invalid state_dict: saved for {st['size']} parameters, this optimizer has "
                              f"{like.numel()} (a checkpoint of another model?)")
-        if set(saved) != set(template) or any(saved[k].shape != v.shape for k, v in template.items()):
+        self._adopt_norm_state(st, like, check=True)
+        st["generator"] = st["generator"].to("cpu", torch.uint8)
+
+    def _adopt_norm_state(self, st: dict, like: Tensor, check: bool = False) -> None:
+        """Bring the norm's state to the parameters' device and dtype (torch's loading, or a model
+        moved after the first step, may have left it elsewhere), checking it fits the norm."""
+        template = self.norm.init(like)
+        saved = st["norm_state"]
+        if not isinstance(saved, dict) or set(saved) != set(template) or any(
+                not isinstance(saved[k], Tensor) or saved[k].shape != v.shape for k, v in template.items()):
             raise ValueError(f"Invalid state_dict: the norm state does not fit this {self.norm.name!r} norm on "
                              f"{like.numel()} parameters (a checkpoint of another model?)")
-        if not all(bool(torch.all(torch.isfinite(v))) for v in saved.values()):
+        if check and not all(bool(torch.all(torch.isfinite(v))) for v in saved.values()):
             raise ValueError("Invalid state_dict: the norm state contains NaN or inf")
-        # torch moved every tensor to the first parameter's device and dtype: restore the templates'
-        st["norm_state"] = {k: saved[k].to(dtype=v.dtype) for k, v in template.items()}
-        st["generator"] = st["generator"].to("cpu", torch.uint8)
+        st["norm_state"] = {k: saved[k].to(dtype=v.dtype, device=v.device) for k, v in template.items()}
 
     def _mean(self, tensor: Tensor) -> Tensor:
         """The average over processes (identity when not distributed): one all-reduce."""
@@ -282,16 +484,30 @@ class TrustRegion(torch.optim.Optimizer):
         return tensor.div_(torch.distributed.get_world_size(self.process_group))
 
     # ------------------------------------------------------------------ the three phases
-    def _evaluate(self, closure, group, params, counts, steps):
+    def _evaluate(self, closure, group, params, counts, steps, replay):
         """Loss, gradient (averaged over processes) and the counted curvature operator."""
         double_backward = group["hvp"] == "double_backward"
-        with torch.enable_grad():
-            loss = closure()
+        backward_called = []
+        hooks = [p.register_post_accumulate_grad_hook(lambda _: backward_called.append(True)) for p in params]
+        try:
+            with torch.enable_grad():
+                loss = replay.first(closure)
+        finally:
+            for h in hooks:
+                h.remove()
+        if backward_called:
+            raise ValueError("Invalid closure: it called backward() (LBFGS-style, or Lightning's automatic "
+                             "optimisation); TrustRegion differentiates the loss itself, twice: the closure must only "
+                             "compute and return the loss (with Lightning, use manual optimisation)")
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("Invalid closure: it must return the loss as a scalar tensor")
         if not loss.requires_grad:
             raise ValueError("Invalid closure: the loss does not depend on the parameters "
                              "(was it computed under torch.no_grad() or detached?)")
+        if loss.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Invalid closure: the loss is {loss.dtype}; compute it in float32 (e.g. "
+                             "loss_fn(logits.float(), y)): the ratio test compares losses that differ in digits a "
+                             "half-precision number does not have (autocast the forward only)")
         loss_value = float(self._mean(loss.detach()))
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
@@ -309,9 +525,9 @@ class TrustRegion(torch.optim.Optimizer):
         else:
             raw = curvature.hvp_forward_over_reverse(curvature.functional_loss(closure, self.module, params), params)
 
-            def frozen(v):
-                with curvature.frozen_batchnorm_stats(self.module):
-                    return raw(v)
+            def frozen(v):  # each product re-runs the closure: the first call's batch statistics and randomness
+                with _frozen_running_stats(self.module):
+                    return replay.again(lambda: raw(v))
 
             op = curvature.Operator(frozen, raw.size, dtype=raw.dtype, device=raw.device)
         if self.distributed:
@@ -319,15 +535,28 @@ class TrustRegion(torch.optim.Optimizer):
             op = curvature.Operator(lambda v: self._mean(local(v)), op.size, dtype=op.dtype, device=op.device)
         return loss, loss_value, grad, curvature.as_operator(op, grad).counted(counts, "hvp")
 
-    def _region(self, group, st, grad, op):
-        """The ellipsoid (on a copy of the norm's state), the model gradient and the radius; the
-        state itself changes only once the step is done."""
+    def _region(self, group, st, grad, op, active, lr):
+        """The ellipsoid (on a copy of the norm's state), the model's gradient and operator on the
+        coordinates that move (``active``; None: all), scaled by ``lr``, and the radius; the state
+        itself changes only once the step is done."""
         norm_state = {k: v.clone() for k, v in st["norm_state"].items()}
         if getattr(self.norm, "uses_curvature", False):
             ellipsoid = self.norm.update(norm_state, grad, hvp=op)
         else:
             ellipsoid = self.norm.update(norm_state, grad)
-        model_grad = torch.zeros_like(grad) if float(torch.linalg.vector_norm(grad)) <= group["gtol"] else grad
+        if active is not None:  # frozen groups (lr = 0): the model lives on the other coordinates
+            full, size = op, op.size
+
+            def restricted(v):
+                return full(v.new_zeros(size).index_copy_(0, active, v)).index_select(0, active)
+
+            grad, lr = grad.index_select(0, active), lr.index_select(0, active)
+            ellipsoid = None if ellipsoid is None else ellipsoid.index_select(0, active)
+            op = curvature.Operator(restricted, active.numel(), dtype=op.dtype, device=op.device, checked=False)
+        if not (isinstance(lr, float) and lr == 1.0):  # ||D^-1 s||_A <= radius: the ellipsoid A / lr^2
+            ellipsoid = (torch.ones_like(grad) if ellipsoid is None else ellipsoid) / (lr * lr)
+        grad_norm = float(torch.linalg.vector_norm(grad))
+        model_grad = torch.zeros_like(grad) if grad_norm <= group["gtol"] else grad
         # writing the group's radius sets the live radius
         radius = group["radius"] if group["radius"] != st["initial_radius"] else st["radius"]
         cauchy = None
@@ -337,22 +566,43 @@ class TrustRegion(torch.optim.Optimizer):
             cauchy = Cauchy().query(model_grad, op, ellipsoid)
             length = cauchy.gnorm**3 / cauchy.curvature if cauchy.curvature > 0 else cauchy.gnorm
             radius = float(min(max(length, 1e-12), group["max_radius"])) if cauchy.gnorm > 0 else 1.0
-        return norm_state, ellipsoid, model_grad, min(radius, group["max_radius"]), cauchy
+        return norm_state, ellipsoid, model_grad, op, min(radius, group["max_radius"]), cauchy, grad_norm
 
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+    def _refuse_grad_scaler(self) -> None:
+        if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:
+            self.__dict__.pop("found_inf", None)
+            self.__dict__.pop("grad_scale", None)
+            raise ValueError("TrustRegion does not work with torch.amp.GradScaler: loss scaling protects float16 "
+                             "gradients of a backward() you call, but TrustRegion differentiates a float32 loss "
+                             "itself. Call opt.step(closure) directly, with torch.autocast around the model's "
+                             "forward inside the closure and the loss computed in float32")
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
         """One iteration of Algorithm 1 on the closure's mini-batch.
 
         Args:
-            closure: a function of no arguments that computes the loss on the current
-                mini-batch and returns it as a scalar tensor, **without** calling
-                ``backward()`` and without ``zero_grad()``: the optimizer differentiates the
-                loss itself (keeping the graph for Hessian-vector products) and calls the
-                closure a second time, under ``torch.no_grad()``, at the trial point
-                :math:`w + s`. Both calls must evaluate the same mini-batch. Required.
+            closure: required. A function of no arguments that computes the loss on the
+                current mini-batch and returns it as a scalar float32 or float64 tensor that
+                depends on the parameters. It must **not** call ``backward()`` (nor need
+                ``zero_grad()``): the optimizer differentiates the loss itself, keeping the
+                graph for Hessian-vector products. It is called once with gradients enabled
+                at :math:`w_t`, then once under ``torch.no_grad()`` at the trial point
+                :math:`w_t + s_t` (and, with ``hvp="forward_over_reverse"``, once per
+                product through ``torch.func``). Every call must evaluate the *same*
+                mini-batch: build the closure from a batch fetched outside it. Later calls
+                start from the global CPU and CUDA random state of the first call, so
+                dropout and other random layers draw the same masks, and leave it as the
+                first call did (the random stream advances once per step, as with one
+                ``backward``); BatchNorm layers in train mode use batch statistics at every
+                call and update their running statistics once per step. Code with other
+                side effects (counters, logging) runs once per call.
 
         Returns:
-            The loss at the current point, before the step (detached; in data-parallel mode,
-            this process's; ``last["loss"]`` holds the average).
+            The closure's loss at :math:`w_t`, before the step (detached; in data-parallel
+            mode, this process's; ``last["loss"]`` holds the average, weight decay included).
+            Each parameter's ``.grad`` then holds the gradient of that loss at :math:`w_t`
+            (overwritten, not accumulated; averaged over processes in data-parallel mode):
+            what ``clip_grad_norm_`` and gradient logging read. The next step does not use it.
 
         Raises:
             NonFiniteLossError: the loss or gradient is NaN/inf at the current point; the
@@ -360,55 +610,109 @@ class TrustRegion(torch.optim.Optimizer):
                 counted).
             NonFiniteCurvatureError: a Hessian-vector product is NaN/inf; the weights and
                 the optimizer's state are left as they were (the work spent is counted).
-            ValueError: a closure that breaks the contract.
+            ValueError: a closure that breaks the contract (none, ``backward()`` inside, a
+                detached or half-precision loss); parameters one step cannot move (meta
+                device, mixed devices or dtypes, ``requires_grad`` changed); a call through
+                ``GradScaler``.
         """
+        self._refuse_grad_scaler()
         if closure is None or not callable(closure):
             raise ValueError("TrustRegion.step needs a closure that returns the mini-batch loss (no backward inside)")
         group = self.param_groups[0]
-        params = self._params()
+        by_group = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+        params = [p for ps in by_group for p in ps]
+        _check_tensors(params, " at this step")
         st = self._state(create=True)
-        if sum(p.numel() for p in params) != st["size"]:
+        size = sum(p.numel() for p in params)
+        if size != st["size"]:
             raise ValueError(f"Invalid params: the parameters that require grad changed since the first step "
-                             f"({st['size']} then, {sum(p.numel() for p in params)} now)")
+                             f"({st['size']} coordinates then, {size} now); a changed set of parameters needs a new "
+                             "TrustRegion (or add_param_group for new ones)")
+        like = params[0]
+        if any(v.is_floating_point() and v.numel() == size and (v.device != like.device or v.dtype != like.dtype)
+               for v in st["norm_state"].values()):  # the model moved since the first step
+            self._adopt_norm_state(st, torch.zeros(size, dtype=like.dtype, device=like.device))
         counts = st["counts"]
-        loss, loss_value, grad, op = self._evaluate(closure, group, params, counts, st["steps"])
-        norm_state, ellipsoid, model_grad, radius, cauchy = self._region(group, st, grad, op)
-        generator = torch.Generator()
-        generator.set_state(st["generator"])
-        grad_norm = float(torch.linalg.vector_norm(grad))
-        rtol = min(group["krylov_tol"], math.sqrt(grad_norm)) if grad_norm > 0 else group["krylov_tol"]
-        solver = cauchy if cauchy is not None and group["method"] == "cauchy" else get_solver(
-            group["method"], rtol=rtol, max_iter=group["max_krylov"] if group["method"] != "exact" else None,
-            check_every=group["check_every"], generator=generator).query(model_grad, op, ellipsoid)
-
+        sizes = [sum(p.numel() for p in ps) for ps in by_group]
+        lr = _per_coordinate([g["lr"] for g in self.param_groups], sizes, like)
+        decay = _per_coordinate([g["weight_decay"] for g in self.param_groups], sizes, like)
         view = curvature.FlatView(params)
-        if getattr(self, "_backup", None) is None or [b.shape for b in self._backup] != [p.shape for p in params]:
-            self._backup = [torch.empty_like(p) for p in params]
-        moved = []
+        replay = _ReplayedRandomness(params)
 
-        def trial(step):
-            with torch.no_grad():
-                torch._foreach_copy_(self._backup, [p.detach() for p in params])
-            view.add_(step)
-            moved.append(True)
-            with torch.no_grad(), curvature.frozen_batchnorm_stats(self.module):
-                value = closure()
-            counts["forward"] += 1
-            return float(self._mean(value.detach()))
+        def penalty() -> float:  # sum over groups of weight_decay / 2 ||w||^2
+            if isinstance(decay, float) and decay == 0.0:
+                return 0.0
+            w = view.get()
+            return 0.5 * float(torch.dot(decay * w, w))
 
-        def undo():  # bit for bit (w + s - s need not equal w)
-            with torch.no_grad():
-                torch._foreach_copy_(params, self._backup)
-            moved.clear()
+        with _explained_errors():
+            loss, loss_value, grad, op = self._evaluate(closure, group, params, counts, st["steps"], replay)
+            with torch.no_grad():  # p.grad: the gradient of the loss step() returns
+                for p, g in zip(params, view.split(grad)):
+                    if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+                        p.grad = g.clone()
+                    else:
+                        p.grad.copy_(g)
+            if not (isinstance(decay, float) and decay == 0.0):
+                loss_value += penalty()
+                grad = grad + decay * view.get()
+                plain = op
+                op = curvature.Operator(lambda v: plain(v) + decay * v, op.size, dtype=op.dtype, device=op.device,
+                                        checked=False)
+            movable = [ps for ps, g in zip(by_group, self.param_groups) if g["lr"] > 0]
+            active = None
+            if isinstance(lr, Tensor):
+                moving = lr > 0
+                active = None if bool(moving.all()) else moving.nonzero().squeeze(1)
+            if not any(movable):  # every lr is 0: nothing moves, the norm still sees the gradient
+                norm_state = {k: v.clone() for k, v in st["norm_state"].items()}
+                self.norm.update(norm_state, grad, **({"hvp": op} if getattr(self.norm, "uses_curvature", False)
+                                                      else {}))
+                st.update(steps=st["steps"] + 1, norm_state=norm_state, last=dict(
+                    radius=st["radius"], rho=math.nan, accepted=False, loss=loss_value, trial_loss=math.nan,
+                    model_decrease=0.0, iterations=0, on_boundary=False, negative_curvature=False,
+                    grad_norm=float(torch.linalg.vector_norm(grad)), status="lr is 0"))
+                return loss.detach()
+            norm_state, ellipsoid, model_grad, model_op, radius, cauchy, grad_norm = self._region(
+                group, st, grad, op, active, lr)
+            generator = torch.Generator()
+            generator.set_state(st["generator"])
+            rtol = min(group["krylov_tol"], math.sqrt(grad_norm)) if grad_norm > 0 else group["krylov_tol"]
+            solver = cauchy if cauchy is not None and group["method"] == "cauchy" else get_solver(
+                group["method"], rtol=rtol, max_iter=group["max_krylov"] if group["method"] != "exact" else None,
+                check_every=group["check_every"], generator=generator).query(model_grad, model_op, ellipsoid)
 
-        rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
-        try:
-            t = iterate(solver.solve, trial, undo, loss_value, radius, rule, ellipsoid=ellipsoid, rtol=rtol,
-                        eps=torch.finfo(loss.dtype).eps)
-        except BaseException:
-            if moved:
-                undo()
-            raise
+            moving_params = [p for ps in movable for p in ps]
+            moving_view = curvature.FlatView(moving_params)
+            backup = getattr(self, "_backup", None)
+            if backup is None or [b.shape for b in backup] != [p.shape for p in moving_params] or any(
+                    b.device != p.device or b.dtype != p.dtype for b, p in zip(backup, moving_params)):
+                self._backup = [torch.empty_like(p) for p in moving_params]
+            moved = []
+
+            def trial(step):
+                with torch.no_grad():
+                    torch._foreach_copy_(self._backup, [p.detach() for p in moving_params])
+                moving_view.add_(step)
+                moved.append(True)
+                with torch.no_grad(), _frozen_running_stats(self.module):
+                    value = replay.again(closure)
+                counts["forward"] += 1
+                return float(self._mean(value.detach())) + penalty()
+
+            def undo():  # bit for bit (w + s - s need not equal w)
+                with torch.no_grad():
+                    torch._foreach_copy_(moving_params, self._backup)
+                moved.clear()
+
+            rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
+            try:
+                t = iterate(solver.solve, trial, undo, loss_value, radius, rule, ellipsoid=ellipsoid, rtol=rtol,
+                            eps=torch.finfo(loss.dtype).eps)
+            except BaseException:
+                if moved:
+                    undo()
+                raise
         result = t.result
         st.update(radius=t.radius, initial_radius=group["radius"], steps=st["steps"] + 1, norm_state=norm_state,
                   generator=generator.get_state(),

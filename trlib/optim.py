@@ -398,13 +398,13 @@ class TrustRegion(torch.optim.Optimizer):
 
     @property
     def backprops(self) -> float:
-        """Gradients plus Hessian-vector products: the paper's unit of work."""
+        """Gradients plus Hessian-vector products, the paper's unit of work."""
         c = self.counts
         return c["gradient"] + c["hvp"]
 
     @property
     def last(self) -> dict:
-        """The last step: ``radius``, ``rho``, ``accepted``, ``loss``, ``trial_loss``,
+        """The last step's ``radius``, ``rho``, ``accepted``, ``loss``, ``trial_loss``,
         ``model_decrease``, ``iterations``, ``on_boundary``, ``negative_curvature``, ``grad_norm``, ``status``."""
         return dict(self._state().get("last", {}))
 

@@ -130,7 +130,7 @@ def test_callback_and_history():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(x0=torch.zeros(2, 2)), "x0"),
+    (dict(x0=torch.zeros(2, dtype=torch.complex128)), "x0"),  # any real shape is fine (test_minimize_shapes)
     (dict(x0=torch.zeros(2, dtype=torch.int64)), "x0"),
     (dict(method="bfgs"), "method"),
     (dict(gtol=-1.0), "gtol"),

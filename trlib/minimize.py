@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import curvature, norms
 from .lanczos import smallest_eigenpair
@@ -42,13 +42,13 @@ __all__ = ["minimize", "MinimizeResult"]
 
 @dataclass
 class MinimizeResult:
-    """Like ``scipy.optimize.OptimizeResult``: the solution ``x``, its value ``fun``, the final
+    """Like ``scipy.optimize.OptimizeResult``: the solution ``x`` (shaped like ``x0``), its value ``fun``, the final
     ``grad_norm``, ``success`` and ``message``; iterations ``nit``; evaluations of the function
     (``nfev``), its gradient (``ngev``) and Hessian-vector products (``nhvp``, the final
     curvature test included); the final ``radius`` and a per-iteration ``history`` (value,
     radius, rho, acceptance, products)."""
 
-    x: Tensor
+    x: Any
     fun: float
     grad_norm: float
     success: bool
@@ -100,9 +100,76 @@ class _Point:
         self._move(self._trial_x, self._trial_value)
 
 
+class _Variables:
+    """The variables of ``fun`` as one flat tensor, and back: a tensor of any shape, a list,
+    tuple or dict of tensors, or the trainable parameters of an ``nn.Module``."""
+
+    def __init__(self, x0):
+        self.kind, self.keys, self.module = type(x0), None, None
+        if isinstance(x0, nn.Module):
+            named = [(name, p) for name, p in x0.named_parameters() if p.requires_grad]
+            self.module, self.keys = x0, [name for name, _ in named]
+            tensors = [p for _, p in named]
+        elif isinstance(x0, Tensor):
+            tensors = [x0]
+        elif isinstance(x0, (list, tuple)):
+            tensors = list(x0)
+        elif isinstance(x0, dict):
+            self.keys, tensors = list(x0), list(x0.values())
+        else:
+            raise ValueError("Invalid x0: expected a floating-point tensor (of any shape), a list, tuple or dict of "
+                             f"them, or an nn.Module, got {type(x0).__name__}")
+        if not tensors:
+            raise ValueError("Invalid x0: no variables (an empty container, or a module without parameters that "
+                             "require grad)")
+        for t in tensors:
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise ValueError(f"Invalid x0: expected real floating-point tensors, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+        kinds = sorted({f"{t.dtype} on {t.device}" for t in tensors})
+        if len(kinds) > 1:
+            raise ValueError(f"Invalid x0: the tensors mix {kinds}; they must share one dtype and device")
+        self.tensors, self.view = tensors, curvature.FlatView(tensors)
+        self.start = torch.cat([t.detach().reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: Tensor):
+        parts = self.view.split(flat)
+        if self.keys is not None:
+            return dict(zip(self.keys, parts))
+        return parts[0] if issubclass(self.kind, Tensor) else self.kind(parts)
+
+    def function(self, fun: Callable) -> Callable[[Tensor], Tensor]:
+        if self.module is None:
+            return lambda x: fun(self.unflatten(x))
+        module = self.module
+        loss = curvature.functional_loss(lambda: fun(module), module, self.tensors)
+        return lambda x: loss(self.view.split(x))
+
+    def flat_norm(self, norm):
+        """A fixed ellipsoid given in the variables' shape, as one flat tensor."""
+        if isinstance(norm, Tensor) and issubclass(self.kind, Tensor) and norm.shape == self.tensors[0].shape:
+            return norm.reshape(-1)
+        if isinstance(norm, (list, tuple, dict)):
+            parts = list(norm) if not isinstance(norm, dict) else [norm.get(k) for k in (self.keys or [])]
+            if len(parts) != len(self.tensors) or any(not isinstance(p, Tensor) or p.shape != t.shape
+                                                       for p, t in zip(parts, self.tensors)):
+                raise ValueError("Invalid norm: a fixed ellipsoid given as a container must match x0's tensors "
+                                 "one for one, in shape (and keys)")
+            return torch.cat([p.reshape(-1) for p in parts])
+        return norm
+
+    def finish(self, flat: Tensor):
+        """The solution in x0's form; a module's parameters are set to it in place."""
+        if self.module is not None:
+            with torch.no_grad():
+                for p, value in zip(self.tensors, self.view.split(flat)):
+                    p.copy_(value)
+        return self.unflatten(flat)
+
+
 def minimize(
-    fun: Callable[[Tensor], Tensor],
-    x0: Tensor,
+    fun: Callable[[Any], Tensor],
+    x0: Any,
     *,
     method: str = "gltr",
     norm=None,
@@ -117,16 +184,23 @@ def minimize(
     decrease: float = 4.0,
     max_krylov: Optional[int] = None,
     certificate: bool = False,
-    callback: Optional[Callable[[Tensor, dict], Optional[bool]]] = None,
+    callback: Optional[Callable[[Any, dict], Optional[bool]]] = None,
 ) -> MinimizeResult:
     r"""Minimise ``fun(x)`` (a scalar tensor) from ``x0`` by a trust-region Newton method.
 
     Args:
-        fun: a twice-differentiable function of one 1-D tensor, written in torch.
-        x0: the start (a 1-D floating tensor; its dtype and device are used throughout).
+        fun: a twice-differentiable function, written in torch, of variables like ``x0``: a
+            tensor of ``x0``'s shape, a list, tuple or dict like ``x0``, or for a module the
+            module itself (``fun(model)``, evaluated with its parameters set to the iterate).
+        x0: the start: a real floating-point tensor of any shape; a list, tuple or dict of
+            them; or an ``nn.Module``, whose parameters that require grad are the variables
+            (set in place to the solution at the end). One dtype and device throughout.
+            The iteration runs on one flat vector of all variables, so the result is the one
+            of the 1-D problem; ``res.x`` has ``x0``'s form (a dict of parameters for a module).
         method: subproblem solver: ``"gltr"`` (default), ``"cg"``, ``"cauchy"``, ``"exact"``.
         norm: the region's shape: None or ``"uniform"`` (sphere), ``"rms"``, ``"adagrad"``,
-            ``"adam"``, a :class:`trlib.norms.Norm`, or a positive tensor (a fixed ellipsoid).
+            ``"adam"``, a :class:`trlib.norms.Norm`, or a positive tensor (a fixed ellipsoid,
+            flat or in ``x0``'s form).
             An adaptive norm folds in the gradient of every accepted point, once.
         gtol: stop when :math:`\|\nabla f\| \le` ``gtol`` and no curvature below ``-htol``.
         htol: tolerance on the smallest Hessian eigenvalue at a stationary point.
@@ -134,13 +208,27 @@ def minimize(
         radius, max_radius, eta1, eta2, increase, decrease: the radius rule (:class:`trlib.RadiusRule`).
         max_krylov: most products per subproblem (None: as many as needed).
         certificate: GLTR's search for an exact hard case (:mod:`trlib.subproblem`).
-        callback: ``callback(x, info)`` after every iteration; returning True stops.
+        callback: ``callback(x, info)`` after every iteration (``x`` in ``x0``'s form);
+            returning True stops.
 
     The Krylov tolerance is :math:`\min(1/2, \sqrt{\|g\|})`, which gives superlinear
     local convergence (Conn, Gould & Toint 2000, §7.5).
+
+    Example: least squares on a module's parameters, which end at the solution.
+
+    >>> X = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [2.0, 1.0]], dtype=torch.float64)
+    >>> Y = X @ torch.tensor([[1.0], [2.0]], dtype=torch.float64) + 3.0
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(2, 1, dtype=torch.float64)
+    >>> res = minimize(lambda m: ((m(X) - Y) ** 2).mean(), model)
+    >>> sorted(res.x), [round(v, 6) for v in model.weight.flatten().tolist()], round(model.bias.item(), 6)
+    (['bias', 'weight'], [1.0, 2.0], 3.0)
     """
-    if not isinstance(x0, Tensor) or x0.ndim != 1 or not x0.is_floating_point():
-        raise ValueError("Invalid x0: expected a 1-D floating-point tensor")
+    variables = _Variables(x0)
+    fun, x0, norm = variables.function(fun), variables.start, variables.flat_norm(norm)
+    if callback is not None:
+        shaped_callback = callback
+        callback = lambda x, info: shaped_callback(variables.unflatten(x), info)  # noqa: E731
     for name, value in (("gtol", gtol), ("htol", htol)):
         if not (isinstance(value, (int, float)) and value >= 0):
             raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
@@ -213,6 +301,6 @@ def minimize(
             success = float(torch.linalg.vector_norm(point.grad)) <= gtol
             break
     c = point.counts
-    return MinimizeResult(x=point.x.detach(), fun=point.f, grad_norm=float(torch.linalg.vector_norm(point.grad)),
+    return MinimizeResult(x=variables.finish(point.x.detach()), fun=point.f, grad_norm=float(torch.linalg.vector_norm(point.grad)),
                           success=success, message=message, nit=len(history), nfev=c["fun"], ngev=c["grad"],
                           nhvp=c["hvp"], radius=radius, history=history)

@@ -431,3 +431,75 @@ def test_cuda_dropout_masks_are_replayed_and_a_model_moved_after_the_first_step_
         accepted += opt.last["accepted"]
     assert all(torch.equal(a, b) for a, b in zip(draws[::2], draws[1::2]))
     assert accepted >= 16 and opt.ellipsoid.device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------- learning-rate schedulers
+def _saddle_problem():
+    """An indefinite quadratic: the exact step always lies on the boundary, ||s|| = lr * radius."""
+    H, c = _quadratic(n=5)
+    Ht, ct = torch.tensor(H), torch.tensor(c)
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    return w, lambda: ct @ w + 0.5 * w @ Ht @ w
+
+
+def _step_length(opt, w, closure):
+    before = w.detach().clone()
+    opt.step(closure)
+    return float((w.detach() - before).norm())
+
+
+def test_step_lr_schedules_the_region():
+    w, f = _saddle_problem()
+    opt = trlib.TrustRegion([w], norm="uniform", radius=0.1, method="exact", max_radius=100.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    lrs = []
+    for _ in range(9):
+        lr = opt.param_groups[0]["lr"]
+        assert _step_length(opt, w, f) == pytest.approx(lr * opt.last["radius"], rel=1e-9)
+        assert opt.last["accepted"]
+        lrs.append(lr)
+        scheduler.step()
+    assert lrs == [1.0] * 3 + [0.5] * 3 + [0.25] * 3
+    # the radius itself keeps its own rule (grown by `increase` after each very successful step)
+    assert opt.radius == pytest.approx(0.1 * 1.1 ** 9)
+    # the scheduler's and the optimizer's checkpoints round-trip together
+    w2, _ = _saddle_problem()
+    opt2 = trlib.TrustRegion([w2], norm="uniform", radius=0.1, method="exact", max_radius=100.0)
+    scheduler2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=3, gamma=0.5)
+    opt2.load_state_dict(opt.state_dict())
+    scheduler2.load_state_dict(scheduler.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.125
+
+
+def test_reduce_lr_on_plateau_shrinks_the_region():
+    w, f = _saddle_problem()
+    opt = trlib.TrustRegion([w], norm="uniform", radius=0.1, method="exact", max_radius=100.0, increase=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    lengths = []
+    for _ in range(4):
+        lengths.append(_step_length(opt, w, f))
+        scheduler.step(1.0)  # a metric that never improves after the first
+    np.testing.assert_allclose(lengths, [0.1, 0.1, 0.05, 0.025], rtol=1e-9)
+
+
+def test_a_warm_up_from_zero_starts_with_a_step_that_moves_nothing():
+    model, (x, y) = _mlp(), _data()
+    opt = trlib.TrustRegion(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, k / 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(_loss(model, x, y))
+    assert opt.last["status"] == "lr is 0" and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    for _ in range(4):
+        scheduler.step()
+        opt.step(_loss(model, x, y))
+    assert opt.param_groups[0]["lr"] == 1.0 and _value(model, x, y) < opt.last["loss"]
+
+
+def test_help_states_the_closure_contract():
+    import pydoc
+
+    text = pydoc.render_doc(trlib.TrustRegion.step, renderer=pydoc.plaintext)
+    assert "optional for most optimizers" not in text
+    for words in ("closure: required", "must **not** call ``backward()``", "the *same*", "random state",
+                  "BatchNorm", "``.grad``"):
+        assert words in text, words

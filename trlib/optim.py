@@ -114,8 +114,9 @@ def _check_tensors(params, when: str = "") -> None:
                          "new parameters), then create TrustRegion from model.parameters()")
     if not when:  # at construction: the model may still move to one device before the first step
         return
-    kinds = sorted({f"{p.dtype} on {p.device}" for p in params})
+    kinds = {(p.dtype, p.device) for p in params}
     if len(kinds) > 1:
+        kinds = sorted(f"{dtype} on {device}" for dtype, device in kinds)
         raise ValueError(f"Invalid params: the parameters mix {kinds}{when}; one step moves them as one vector, "
                          "so they must share one device and one dtype")
 
@@ -660,10 +661,6 @@ class TrustRegion(torch.optim.Optimizer):
                 op = curvature.Operator(lambda v: plain(v) + decay * v, op.size, dtype=op.dtype, device=op.device,
                                         checked=False)
             movable = [ps for ps, g in zip(by_group, self.param_groups) if g["lr"] > 0]
-            active = None
-            if isinstance(lr, Tensor):
-                moving = lr > 0
-                active = None if bool(moving.all()) else moving.nonzero().squeeze(1)
             if not any(movable):  # every lr is 0: nothing moves, the norm still sees the gradient
                 norm_state = {k: v.clone() for k, v in st["norm_state"].items()}
                 self.norm.update(norm_state, grad, **({"hvp": op} if getattr(self.norm, "uses_curvature", False)
@@ -673,6 +670,11 @@ class TrustRegion(torch.optim.Optimizer):
                     model_decrease=0.0, iterations=0, on_boundary=False, negative_curvature=False,
                     grad_norm=float(torch.linalg.vector_norm(grad)), status="lr is 0"))
                 return loss.detach()
+            active = None  # the coordinates that move, when some groups are frozen (lr = 0)
+            if any(n and g["lr"] == 0 for n, g in zip(sizes, self.param_groups)):
+                starts = [sum(sizes[:i]) for i in range(len(sizes))]
+                active = torch.cat([torch.arange(a, a + n, device=like.device)
+                                    for a, n, g in zip(starts, sizes, self.param_groups) if n and g["lr"] > 0])
             norm_state, ellipsoid, model_grad, model_op, radius, cauchy, grad_norm = self._region(
                 group, st, grad, op, active, lr)
             generator = torch.Generator()

@@ -310,6 +310,7 @@ def test_add_param_group_extends_the_norms_state_and_round_trips():
     (lambda m: {"params": [m[2].weight, m[2].weight]}, "more than once"),
     (lambda m: {"params": [m[0].weight]}, "more than one parameter group"),
     (lambda m: {"params": [m[2].weight.detach().half().requires_grad_()]}, "float16"),
+    (lambda m: {"params": []}, "no parameters"),
 ])
 def test_add_param_group_refuses_what_one_trust_region_cannot_do(group, match):
     model = _mlp()

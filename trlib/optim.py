@@ -315,9 +315,11 @@ class TrustRegion(torch.optim.Optimizer):
         the optimizer's (one trust region couples all groups). After the first step, the norm's
         state for the new coordinates starts as a fresh optimizer's would.
         """
-        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), set):
-            given = param_group.get("params", [])
+        if isinstance(param_group, dict) and "params" in param_group and not isinstance(param_group["params"], set):
+            given = param_group["params"]
             given = [given] if isinstance(given, Tensor) else list(given)
+            if not given:
+                raise ValueError("Invalid param group: it has no parameters")
             tensors = [p[1] if isinstance(p, tuple) else p for p in given]
             if len({id(p) for p in tensors}) != len(tensors):
                 raise ValueError("Invalid params: a parameter appears more than once (its step would be applied twice)")

@@ -201,7 +201,8 @@ def test_hard_case_cg_stalls_gltr_with_certificate_does_not():
     assert model(H, g, cg.step.numpy()) > best + 10  # stuck at the (interior) Newton point
     assert model(H, g, gltr.step.numpy()) > best + 10 and gltr.iterations == 3  # the invariant space, no restart
     assert abs(model(H, g, certified.step.numpy()) - best) <= 1e-8 * abs(best)
-    assert certified.iterations == 4 and certified.status == "hard_case"
+    # 3 products for g's Krylov space, at most 4 for the random-start Lanczos, 1 for its vector
+    assert certified.iterations <= 8 and certified.status == "hard_case"
     assert abs(model(H, g, exact.step.numpy()) - best) <= 1e-10 * abs(best)
     assert exact.status == "hard_case" and abs(exact.multiplier - 2.0) < 1e-10
 
@@ -355,3 +356,39 @@ def test_non_finite_dense_hessian_and_wrong_shapes(method):
         trlib.solve_subproblem(g, H * torch.tensor(math.nan), 1.0, method=method)
     with pytest.raises(ValueError, match="hvp: returned"):
         trlib.solve_subproblem(g, lambda v: torch.ones(4, dtype=torch.float64), 1.0, method=method)
+
+
+# ---------------------------------------------------------------------------- accuracy where it used to fail
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 12), seed=st.integers(0, 2**31 - 1), log_radius=st.floats(-2, 1))
+def test_gltr_float32_with_a_badly_scaled_ellipsoid_reaches_099_of_the_optimum(n, seed, log_radius):
+    # An ellipsoid spanning 1e-5 .. 12 makes A^-1/2 H A^-1/2 span ~7 orders of magnitude: a Krylov
+    # coupling of size 1 next to a norm of 1e6 is real, not a breakdown (float32, default tolerance).
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    H = (q * np.sort(rng.uniform(-10, 10, n))) @ q.T
+    H = 0.5 * (H + H.T)
+    g = rng.standard_normal(n)
+    a = 10 ** rng.uniform(-5, np.log10(12), n)
+    a[:2] = 1e-5, 12.0
+    radius = 10**log_radius
+    s_ref, _ = tr_reference(H, g, radius, a)
+    best = -model(H, g, s_ref)
+    res = _run(H, g, radius, a, "gltr", dtype=torch.float32)
+    s = res.step.double().numpy()
+    assert _norm(s, a) <= radius * (1 + 1e-5)
+    assert -model(H, g, s) >= 0.99 * best
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inst=instances(kinds=("hard",), max_n=40))
+def test_gltr_certificate_solves_exact_hard_cases_under_a_tolerance(inst):
+    # g orthogonal to the leftmost eigenvector: invisible to every Krylov space of g; the
+    # certificate's random block finds it (rtol > 0, so no exploration to exhaustion).
+    H, g, radius, ellipsoid = inst
+    s_ref, _ = tr_reference(H, g, radius, ellipsoid)
+    best = -model(H, g, s_ref)
+    res = _run(H, g, radius, ellipsoid, "gltr", rtol=1e-10, certificate=True)
+    s = res.step.numpy()
+    assert _norm(s, ellipsoid) <= radius * (1 + 1e-8)
+    assert -model(H, g, s) >= 0.99 * best - 1e-12 * max(_scale(H, g, radius, ellipsoid), 1e-300)

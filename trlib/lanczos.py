@@ -18,9 +18,9 @@ Golub & Van Loan, §10.1):
   and resolvable in float32 long after :math:`\sqrt{\epsilon}\,\|H\|` would call them noise;
 * *new blocks on demand*: after a breakdown the next :meth:`Lanczos.step` starts a new
   block from a random vector orthogonal to :math:`Q_k` (:math:`T` becomes block
-  tridiagonal), and :meth:`Lanczos.restart` cuts a block short the same way. This is
-  how directions the start vector cannot see (the hard case, a zero gradient at a saddle)
-  are found; a caller that needs no more simply stops calling :meth:`Lanczos.step`.
+  tridiagonal). This is how directions the start vector cannot see (the hard case, a zero
+  gradient at a saddle) are found; a caller that needs no more stops calling
+  :meth:`Lanczos.step`.
 
 Example: the smallest eigenvalue of a diagonal matrix.
 
@@ -73,7 +73,6 @@ class Lanczos:
         self.scale = 0.0
         self.k = 0
         self._basis = torch.empty((min(16, self.n + 1), self.n), dtype=self.dtype, device=self.device)
-        self._locked = self._basis[:0]  # vectors that new blocks stay orthogonal to (cut-off Lanczos vectors)
         self.start_norm = float(torch.linalg.vector_norm(start))
         self._pending = not (self.start_norm > 0 and math.isfinite(self.start_norm))  # next vector: random
         if self._pending:
@@ -88,19 +87,18 @@ class Lanczos:
 
     @property
     def exhausted(self) -> bool:
-        """The basis (with the cut-off vectors) spans the whole space."""
-        return self.k + self._locked.shape[0] >= self.n
+        """The basis spans the whole space."""
+        return self.k >= self.n
 
     @property
     def broke_down(self) -> bool:
-        """True when the last step ended a block (the Krylov space became invariant, or was cut)."""
+        """True when the last step ended a block (the Krylov space became invariant)."""
         return self._pending and self.k > 0
 
     def _orthogonalise(self, w: Tensor, upto: int) -> Tensor:
+        q = self._basis[:upto]
         for _ in range(2):  # "twice is enough"
-            for q in (self._basis[:upto], self._locked):
-                if q.shape[0]:
-                    w = w - q.T @ (q @ w)
+            w = w - q.T @ (q @ w)
         return w
 
     def _random_orthogonal(self) -> Tensor:
@@ -144,16 +142,6 @@ class Lanczos:
         else:
             self.betas.append(beta_f)
             self._basis[self.k] = w / beta
-
-    def restart(self) -> None:
-        """End the current block here: the next step starts a new block from a random vector
-        orthogonal to the basis *and* to the next Lanczos vector, so :math:`T` stays exactly
-        the projection of :math:`H` onto the basis (block diagonal)."""
-        if self._pending or self.exhausted:
-            return
-        self._locked = torch.cat([self._locked, self._basis[self.k:self.k + 1].clone()])
-        self.betas[-1] = 0.0
-        self._pending = True
 
     def eigh(self, first: int = 0, last: Optional[int] = None):
         """Eigenvalues (ascending) and eigenvectors of ``T[first:last, first:last]``.

@@ -31,8 +31,8 @@ answers for a radius, as often as the trust-region loop asks. Registered by name
     at a hard case (the multiplier at minus the leftmost Ritz value, on the
     boundary), or with ``rtol=0`` (explore everything). An exact hard case (``g``
     orthogonal to the leftmost eigenvector) is invisible to any Krylov space of
-    ``g``; ``certificate=True`` looks for it with a few Lanczos steps from a random
-    start, counted as products;
+    ``g``; ``certificate=True`` looks for it by Lanczos from a random start (its
+    products counted) and adds the direction it finds to the basis;
 ``"exact"``
     dense Moré-Sorensen via an eigendecomposition, for small problems.
 
@@ -49,7 +49,7 @@ Example
 (1.1667, True)
 >>> solver = trlib.subproblem.GLTR(certificate=True).query(g, H)   # one query, two radii
 >>> [(round(float(r.model_decrease), 4), r.iterations) for r in (solver.solve(1.0), solver.solve(0.5))]
-[(1.1667, 2), (0.4167, 0)]
+[(1.1667, 4), (0.4167, 0)]
 """
 
 from __future__ import annotations
@@ -346,10 +346,18 @@ class GLTR(Solver):
     def _setup(self):
         self.lz = Lanczos(self.op, self.g, generator=self.generator)
         self.gamma = self.lz.start_norm  # g = gamma q_1 (0: the first block starts at random)
-        self.certified = False
+        self.certified, self.extra = False, None
 
     def _project(self, radius):
-        eigvals, eigvecs = self.lz.eigh()
+        lz = self.lz
+        if self.extra is None:
+            eigvals, eigvecs = lz.eigh()
+        else:  # T bordered by the certificate's vector v: the projection of H onto [Q, v]
+            v, border, corner = self.extra
+            t = np.diag(np.asarray(lz.alphas + [corner]))
+            t[np.arange(lz.k - 1), np.arange(1, lz.k)] = t[np.arange(1, lz.k), np.arange(lz.k - 1)] = lz.betas[:lz.k - 1]
+            t[:-1, -1] = t[-1, :-1] = border
+            eigvals, eigvecs = np.linalg.eigh(t)
         x, lam, hard = _secular(eigvals, self.gamma * eigvecs[0], radius)  # V^T (gamma e_1)
         return eigvals, eigvecs, x, lam, hard, eigvecs @ x
 
@@ -371,17 +379,40 @@ class GLTR(Solver):
         tol = rtol * self.gamma if self.gamma > 0 else floor * radius
         return lz.last_beta * abs(h[-1]) <= tol
 
+    def _budget(self) -> int:
+        # the certificate's products: what max_iter leaves (one for the new vector), or the dimension
+        return self.max_iter - self.lz.k - 1 if self.max_iter else self.g.numel()
+
     def _certify(self, lam, rtol):
-        # A random block orthogonal to the Krylov space: if its leftmost Ritz value falls below
-        # -lam, H + lam I is not PSD and the solution moves into it (the hard case).
-        lz, self.certified = self.lz, True
-        lz.restart()
-        while not lz.exhausted and lz.k < self.limit:
-            lz.step()
-            first = lz.block_starts[-1]
-            theta = lz.eigh(first)[0][0]
-            if lz.broke_down or lz.leftmost_residual() <= rtol * lz.scale or (theta >= -lam and lz.k - first >= 5):
+        # Lanczos from a random start estimates the leftmost eigenpair of H. Above -lam it certifies
+        # H + lam I >= 0 (with probability 1); below, its Ritz vector, made orthogonal to the
+        # Krylov space, joins the basis: the hard case's missing direction.
+        self.certified = True
+        probe = Lanczos(self.op, torch.zeros_like(self.g), generator=self.generator)
+        while not probe.exhausted and probe.k < self._budget():
+            probe.step()
+            # converged when the leftmost Ritz value is resolved relative to itself and to lam
+            # (not to ||H||: with a badly scaled ellipsoid the deciding eigenvalues are tiny)
+            theta = float(probe.eigh()[0][0])
+            if probe.broke_down or probe.leftmost_residual() <= math.sqrt(rtol) * max(abs(theta), lam) + rtol * probe.scale:
                 break
+        theta, y = probe.eigh()
+        if probe.k == 0 or theta[0] >= -lam:
+            return
+        q = self.lz.basis
+        v = probe.combine(y[:, 0])
+        for _ in range(2):
+            v = v - q.T @ (q @ v)
+        size = float(torch.linalg.vector_norm(v))
+        if size <= 1e-8:  # the direction is (numerically) in the Krylov space already
+            return
+        v = v / size
+        hv = self.op(v)
+        border = (q @ hv).double().cpu().numpy()
+        corner = float(torch.dot(v, hv))
+        if not (math.isfinite(corner) and np.all(np.isfinite(border))):
+            raise NonFiniteCurvatureError()
+        self.extra = (v, border, corner)
 
     def _solve(self, radius, rtol):
         lz, settled = self.lz, self.certified
@@ -394,7 +425,7 @@ class GLTR(Solver):
             lz.step()
         if self.certified:
             sol = self._project(radius)
-        elif self.certificate and not lz.exhausted and lz.k < self.limit:
+        elif self.certificate and not lz.exhausted and self._budget() > 0:
             self._certify(sol[3], rtol)
             sol = self._project(radius)
         eigvals, _, x, lam, hard, h = sol
@@ -402,10 +433,11 @@ class GLTR(Solver):
         boundary = lam > 0 or float(np.linalg.norm(h)) >= radius * (1 - 1e-8)
         status = "hard_case" if hard else ("boundary" if boundary else "interior")
         converged = settled or lz.exhausted or self.certified
-        return lz.combine(h), -value, boundary, eigvals[0] < 0, lam, status if converged else "max_iter"
+        u = lz.combine(h[:lz.k]) + (0.0 if self.extra is None else float(h[-1]) * self.extra[0])
+        return u, -value, boundary, eigvals[0] < 0, lam, status if converged else "max_iter"
 
     def leftmost(self):
-        theta, y = self.lz.eigh()
+        theta, y = self.lz.eigh()  # (the Krylov space's; a certificate's vector is not needed here)
         u = self.lz.combine(y[:, 0])
         return float(theta[0]), u if self.scale is None else self.scale * u
 

@@ -32,12 +32,24 @@ with condition number ``--cond`` (interior and boundary solutions), the hard cas
 orthogonal to the leftmost eigenvector, radius beyond the hard-case threshold), a near hard
 case (``g``'s leftmost component 1e-6), and tiny / huge radius on the indefinite matrix.
 
+Two more sections, where GLTR used to fall short (each instance against the dense float64
+optimum, ``frac`` = model decrease / optimal decrease, 1 is optimal):
+
+* **exact hard cases at** ``--hard-rtol`` (1e-10): ``g`` orthogonal to the leftmost eigenvector of
+  :math:`A^{-1/2} H A^{-1/2}` (spectrum ``U(-10, 10)``, random ellipsoids over 12 orders of
+  magnitude on half of them, radius beyond the hard-case threshold), ``--hard-sizes`` and
+  ``--hard-seeds`` of each: GLTR without and with ``certificate=True``, and scipy's
+  trust-krylov on the sphere instances at the same tolerance;
+* **float32 with badly scaled ellipsoids**: indefinite instances (``--f32-sizes``) with an
+  ellipsoid spanning 1e-5 to 12, GLTR in float32 at the default tolerance against float64.
+
 Run: ``python benchmarks/bench_subproblem.py [--sizes 50,200,1000] [--json out.json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 import time
@@ -55,6 +67,7 @@ except ImportError as exc:  # pragma: no cover
     raise SystemExit(f"this benchmark needs scipy's private subproblem solvers: {exc}")
 
 METHODS = ("exact", "gltr", "cg", "trust-krylov", "trust-exact")
+CERTIFICATE = "certificate" in inspect.signature(solve_subproblem).parameters  # trlib before 2026-12 had none
 OURS = ("exact", "gltr", "cg")
 
 
@@ -249,6 +262,87 @@ def summarize(results, args) -> list:
     return lines
 
 
+# ----------------------------------------------------------------------------- where GLTR used to fall short
+def _reference(h, g, radius, a):
+    """The optimal decrease of the ellipsoidal problem, from a dense float64 eigendecomposition."""
+    ht, gt = torch.as_tensor(h, dtype=torch.float64), torch.as_tensor(g, dtype=torch.float64)
+    at = None if a is None else torch.as_tensor(a, dtype=torch.float64)
+    res = solve_subproblem(gt, ht, radius, ellipsoid=at, method="exact")
+    return -model(h, g, res.step.numpy())
+
+
+def hard_instance(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    q = _orthogonal(n, rng)
+    h = (q * np.sort(rng.uniform(-10, 10, n))) @ q.T
+    h = 0.5 * (h + h.T)
+    a = 10 ** rng.uniform(-6, 6, n) if seed % 2 else None
+    d = np.ones(n) if a is None else 1 / np.sqrt(a)
+    w, v = np.linalg.eigh(d[:, None] * h * d[None, :])
+    gt = d * rng.standard_normal(n)
+    gt -= v[:, 0] * (v[:, 0] @ gt)  # no component along the leftmost eigenvector, in the region's metric
+    c = v.T @ gt
+    threshold = float(np.linalg.norm(c[1:] / np.maximum(w[1:] - w[0], 1e-300)))  # ||(H~ - lambda_1)^+ g~||
+    return h, gt / d, 10 * max(threshold, 1.0), a
+
+
+def hard_cases(args, device) -> dict:
+    rows, worst = [], {}
+    for n in [int(x) for x in args.hard_sizes.split(",")]:
+        fracs = {"gltr": [], "gltr+certificate": [], "trust-krylov (sphere)": []}
+        hvps = {k: 0 for k in fracs}
+        for seed in range(args.hard_seeds):
+            h, g, radius, a = hard_instance(n, 1000 * n + seed)
+            best = _reference(h, g, radius, a)
+            ht, gt = (torch.as_tensor(x, dtype=torch.float64, device=device) for x in (h, g))
+            at = None if a is None else torch.as_tensor(a, dtype=torch.float64, device=device)
+            for key, extra in (("gltr", {}), ("gltr+certificate", {"certificate": True})):
+                if extra and not CERTIFICATE:
+                    continue
+                op = Counter(lambda v: ht @ v)
+                res = solve_subproblem(gt, op, radius, ellipsoid=at, method="gltr", rtol=args.hard_rtol, **extra)
+                fracs[key].append(-model(h, g, res.step.double().cpu().numpy()) / best)
+                hvps[key] += op.calls
+            if a is None:
+                hessp = Counter(lambda x, p: h @ p)
+                sp = get_trlib_quadratic_subproblem(tol_rel_i=args.hard_rtol, tol_rel_b=args.hard_rtol)(
+                    np.zeros(n), lambda x: 0.0, lambda x: g, None, hessp)
+                fracs["trust-krylov (sphere)"].append(-model(h, g, np.asarray(sp.solve(radius)[0])) / best)
+                hvps["trust-krylov (sphere)"] += hessp.calls
+        for key, f in fracs.items():
+            if f:
+                rows.append([n, key, len(f), f"{min(f):.6f}", f"{float(np.median(f)):.6f}", f"{hvps[key] / len(f):.1f}"])
+                worst[key] = min(worst.get(key, 1.0), min(f))
+    table = _common.format_table(["n", "solver", "instances", "worst frac", "median frac", "HVPs/instance"], rows,
+                                 "rlrrrr")
+    return dict(table=table, worst=worst)
+
+
+def float32_cases(args, device) -> dict:
+    rows, worst = [], {}
+    for n in [int(x) for x in args.f32_sizes.split(",")]:
+        fracs = {"float32": [], "float64": []}
+        for seed in range(args.f32_seeds):
+            rng = np.random.default_rng(50_000 + 100 * n + seed)
+            q = _orthogonal(n, rng)
+            h = (q * np.sort(rng.uniform(-10, 10, n))) @ q.T
+            h = 0.5 * (h + h.T)
+            g = rng.standard_normal(n)
+            a = np.exp(rng.uniform(math.log(1e-5), math.log(12.0), n))
+            a[:2] = 1e-5, 12.0
+            radius = 10 ** rng.uniform(-2, 1)
+            best = _reference(h, g, radius, a)
+            for key, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+                ht, gt, at = (torch.as_tensor(x, dtype=dtype, device=device) for x in (h, g, a))
+                res = solve_subproblem(gt, lambda v: ht @ v, radius, ellipsoid=at, method="gltr")
+                fracs[key].append(-model(h, g, res.step.double().cpu().numpy()) / best)
+        for key, f in fracs.items():
+            rows.append([n, key, len(f), f"{min(f):.6f}", f"{float(np.median(f)):.6f}"])
+            worst[key] = min(worst.get(key, 1.0), min(f))
+    table = _common.format_table(["n", "dtype", "instances", "worst frac", "median frac"], rows, "rlrrr")
+    return dict(table=table, worst=worst)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where trlib's solvers run (scipy: CPU)")
@@ -261,6 +355,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch and BLAS (0: library defaults; >1 slows these small problems down)")
+    p.add_argument("--hard-sizes", default="5,20,50,200", help="dimensions of the exact hard cases")
+    p.add_argument("--hard-seeds", type=int, default=6, help="hard-case instances per dimension")
+    p.add_argument("--hard-rtol", type=float, default=1e-10, help="GLTR's (and trust-krylov's) tolerance there")
+    p.add_argument("--f32-sizes", default="5,50", help="dimensions of the float32 instances")
+    p.add_argument("--f32-seeds", type=int, default=50, help="float32 instances per dimension")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = _common.resolve_device(args.device)
@@ -284,9 +383,20 @@ def main(argv=None) -> int:
     lines = summarize(results, args)
     for line in lines:
         print(line)
+    hard = hard_cases(args, device)
+    print(f"\nExact hard cases at rtol={args.hard_rtol:g} (frac = model decrease / optimal decrease)")
+    print(hard["table"])
+    f32 = float32_cases(args, device)
+    print("\nfloat32 with ellipsoids spanning 1e-5 .. 12 (GLTR, default tolerance)")
+    print(f32["table"])
+    for key, value in list(hard["worst"].items()) + list(f32["worst"].items()):
+        line = f"worst fraction of the optimal decrease, {key}: {value:.6f}"
+        print(line)
+        lines.append(line)
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     _common.write_json(args.json, {"benchmark": "bench_subproblem", "environment": env, "settings": settings,
-                                   "results": results, "summary_table": table, "summary": lines})
+                                   "results": results, "summary_table": table, "summary": lines,
+                                   "hard_cases": hard, "float32": f32})
     return 0
 
 

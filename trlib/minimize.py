@@ -177,7 +177,7 @@ def minimize(
     htol: float = 1e-6,
     max_iter: int = 1000,
     radius: float = 1.0,
-    max_radius: float = 1e3,
+    max_radius: float = 1e8,
     eta1: float = 0.1,
     eta2: float = 0.75,
     increase: float = 2.0,

@@ -181,3 +181,39 @@ def test_the_curvature_test_is_not_fooled_by_a_krylov_space_that_missed_the_sadd
     res = trlib.minimize(f, torch.tensor([1.0, 1e-12], dtype=torch.float64), gtol=1e-8)
     assert res.success and res.fun == pytest.approx(-0.5, abs=1e-10)
     assert any(h["saddle_step"] for h in res.history)
+
+
+def test_a_step_below_rounding_is_solved_tighter_not_shrunk():
+    # The iteration itself: a solve that stops on a loose tolerance returns a step too short to
+    # measure; the tolerance is tightened (same radius) before anything is tried or shrunk.
+    from trlib.region import RadiusRule, iterate
+    from trlib.subproblem import SubproblemResult
+
+    asked = []
+
+    def solve(radius, rtol):
+        asked.append(rtol)
+        tiny = rtol > 1e-2
+        step = torch.tensor([1e-14 if tiny else 1e-2], dtype=torch.float64)
+        decrease = torch.tensor(1e-20 if tiny else 1e-4, dtype=torch.float64)
+        return SubproblemResult(step, decrease, False, False, 1, None, "interior")
+
+    tried = []
+    t = iterate(solve, lambda s: tried.append(float(s)) or 100.0 - 1e-4, lambda: None, 100.0, 1.0,
+                RadiusRule(0.1, 0.75, 2.0, 4.0, 10.0), rtol=0.5)
+    assert asked == [0.5, 5e-3] and tried == [1e-2]  # the unmeasurable step was never tried
+    assert t.accepted and t.radius == 2.0 and t.result.iterations == 2
+
+
+def test_meyer_reaches_its_minimum_instead_of_collapsing_into_rounding():
+    # Moré-Garbow-Hillstrom problem 10: badly scaled (curvatures 1e15 and 1); a loose Krylov
+    # tolerance once gave steps of 1e-14 whose rejection drove the radius to zero at f = 114.
+    y = torch.tensor([34780.0, 28610, 23650, 19630, 16370, 13720, 11540, 9744, 8261, 7030, 6005, 5147, 4427,
+                      3820, 3307, 2872], dtype=torch.float64)
+    t = 45 + 5 * torch.arange(1, 17, dtype=torch.float64)
+
+    def meyer(x):
+        return torch.sum((x[0] * torch.exp(x[1] / (t + x[2])) - y) ** 2)
+
+    res = trlib.minimize(meyer, torch.tensor([0.02, 4000.0, 250.0], dtype=torch.float64))
+    assert res.fun == pytest.approx(87.9458551718, rel=1e-8)  # the paper's minimum

@@ -126,24 +126,36 @@ def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[
 
     ``solve(radius, rtol)`` answers the subproblem at the current point (a
     :class:`trlib.subproblem.Solver`'s ``solve``); ``trial(step)`` moves to the trial point and
-    returns the loss there; ``undo()`` moves back (called on a rejection). A step whose predicted
-    decrease lies below the loss's rounding level :math:`10\,\epsilon\max(1, |\mathcal L|)`, from a
-    solve that stopped on its tolerance, cannot be measured: it is solved again with a tolerance
-    100 times tighter (down to 1e-12) before it is tried, so the radius never shrinks for it.
+    returns the loss there; ``undo()`` moves back (called on a rejection). A step from a solve
+    that stopped on its tolerance is solved again with a tolerance 100 times tighter (down to
+    1e-12), at the same radius, when its predicted decrease lies below the loss's rounding
+    level :math:`10\,\epsilon\max(1, |\mathcal L|)` (it cannot be measured: it is not tried), or
+    when it is rejected with a predicted decrease below :math:`\sqrt\epsilon\max(1, |\mathcal L|)`
+    (the loss's own rounding, from cancellations, can exceed the first level by orders of
+    magnitude): the radius never shrinks for noise.
     """
     result = solve(radius, rtol)
-    products = result.iterations
-    while (float(result.model_decrease) <= 10.0 * eps * max(1.0, abs(loss))
-           and result.status in ("converged", "interior") and rtol * 1e-2 >= 1e-12):
+    products, scale = result.iterations, max(1.0, abs(loss))
+    while True:
+        decrease = float(result.model_decrease)
+        finite = math.isfinite(decrease) and bool(torch.all(torch.isfinite(result.step)))
+        inexact = finite and result.status in ("converged", "interior") and rtol * 1e-2 >= 1e-12
+        trial_loss = math.nan
+        if not (inexact and decrease <= 10.0 * eps * scale):  # below f's rounding level: not worth a trial
+            trial_loss = trial(result.step) if finite else math.nan  # a non-finite step never moves the point
+            rho = reduction_ratio(loss, trial_loss, decrease, eps=eps)
+            if rho >= rule.eta1 or not (inexact and decrease <= math.sqrt(eps) * scale):
+                break
         tighter = solve(radius, rtol * 1e-2)
         products, rtol = products + tighter.iterations, rtol * 1e-2
-        if tighter.iterations == 0:  # the solve had nothing more to give
+        if tighter.iterations == 0:  # the solve had nothing more to give: keep this step
+            if math.isnan(trial_loss):
+                trial_loss = trial(result.step)
+                rho = reduction_ratio(loss, trial_loss, decrease, eps=eps)
             break
+        if not math.isnan(trial_loss):
+            undo()
         result = tighter
-    decrease = float(result.model_decrease)
-    finite = math.isfinite(decrease) and bool(torch.all(torch.isfinite(result.step)))
-    trial_loss = trial(result.step) if finite else math.nan  # a non-finite step never moves the point
-    rho = reduction_ratio(loss, trial_loss, decrease, eps=eps)
     step_norm = float(ellipsoid_norm(result.step, ellipsoid)) if finite else math.inf
     new_radius, accepted = rule.update(radius, rho, result.on_boundary, step_norm)
     if finite and not accepted:

@@ -50,7 +50,7 @@ def test_optimizer_on_gpu_matches_cpu():
     # a CG stopping test sitting on the tolerance may flip by rounding: products may differ by a few
     assert b.counts["gradient"] == a.counts["gradient"] and b.counts["forward"] == a.counts["forward"]
     assert abs(b.counts["hvp"] - a.counts["hvp"]) <= 5
-    assert state["state"]["trust_region"]["norm_state"]["square_avg"].is_cuda
+    assert state["state"][0]["norm_state"]["square_avg"].is_cuda  # kept under the first parameter
 
 
 def test_forward_over_reverse_on_gpu():

@@ -56,12 +56,6 @@ def reduction_ratio(loss: float, trial_loss: float, model_decrease: float, eps: 
     return (loss - trial_loss + delta) / (max(model_decrease, 0.0) + delta)
 
 
-def _positive(name: str, value) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a positive finite number)")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class RadiusRule:
     """The trust-region radius update (see the module docstring). Validates on construction."""
@@ -75,16 +69,16 @@ class RadiusRule:
 
     def __post_init__(self):
         for name in ("eta1", "eta2"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"Invalid {name}: {value!r} (must lie in [0, 1])")
+            if not (isinstance(getattr(self, name), (int, float)) and 0.0 <= getattr(self, name) <= 1.0):
+                raise ValueError(f"Invalid {name}: {getattr(self, name)!r} (must lie in [0, 1])")
         if self.eta1 > self.eta2:
             raise ValueError(f"Invalid eta1: {self.eta1!r} (must not exceed eta2={self.eta2!r})")
-        if not (isinstance(self.increase, (int, float)) and self.increase >= 1.0 and math.isfinite(self.increase)):
+        if not (isinstance(self.increase, (int, float)) and math.isfinite(self.increase) and self.increase >= 1):
             raise ValueError(f"Invalid increase: {self.increase!r} (must be a finite number >= 1)")
-        if not (isinstance(self.decrease, (int, float)) and self.decrease > 1.0 and math.isfinite(self.decrease)):
+        if not (isinstance(self.decrease, (int, float)) and math.isfinite(self.decrease) and self.decrease > 1):
             raise ValueError(f"Invalid decrease: {self.decrease!r} (must be a finite number > 1)")
-        _positive("max_radius", self.max_radius)
+        if not (isinstance(self.max_radius, (int, float)) and math.isfinite(self.max_radius) and self.max_radius > 0):
+            raise ValueError(f"Invalid max_radius: {self.max_radius!r} (must be a positive finite number)")
 
     def update(self, radius: float, rho: float, on_boundary: bool = True, step_norm: float = math.inf):
         """Returns ``(new_radius, accepted)``.

@@ -16,28 +16,24 @@ preconditioned CG/Lanczos with preconditioner :math:`A`; Conn, Gould & Toint 200
 .. math:: (H + \lambda A) s^* = -g, \quad H + \lambda A \succeq 0, \quad
           \lambda (\Delta - \|s^*\|_A) = 0 .
 
-A solver is an object: :meth:`Solver.query` does the work that depends only on the point
-(the Hessian-vector products: a Krylov basis, a factorization) and :meth:`Solver.solve`
-answers for a radius, as often as the trust-region loop asks. Registered by name:
+A solver is an object: :meth:`Solver.query` does the work of a point (the products: a
+Krylov basis, a factorization), :meth:`Solver.solve` answers for each radius. By name:
 
 ``"cauchy"``
     the minimiser along :math:`-A^{-1} g` (one product);
 ``"cg"``
     Steihaug-Toint truncated CG, the paper's solver (re-runs for each radius);
 ``"gltr"``
-    Lanczos (GLTR): solves the subproblem exactly on the Krylov space, keeps
-    improving on the boundary, and re-solves a smaller radius with no new product.
-    It starts a new Lanczos block after a breakdown only when the solution points
-    at a hard case (the multiplier at minus the leftmost Ritz value, on the
-    boundary), or with ``rtol=0`` (explore everything). An exact hard case (``g``
-    orthogonal to the leftmost eigenvector) is invisible to any Krylov space of
-    ``g``; ``certificate=True`` looks for it by Lanczos from a random start (its
-    products counted) and adds the direction it finds to the basis;
+    Lanczos (GLTR): the subproblem solved exactly on the Krylov space; a smaller radius
+    costs no product. After a breakdown it starts a new block only on a sign of a hard
+    case (multiplier at minus the leftmost Ritz value) or with ``rtol=0``. An exact hard
+    case (``g`` orthogonal to the leftmost eigenvector) is invisible to every Krylov space
+    of ``g``: ``certificate=True`` looks for it by Lanczos from a random start (products
+    counted) and adds what it finds;
 ``"exact"``
     dense Moré-Sorensen via an eigendecomposition, for small problems.
 
-A non-finite Hessian-vector product makes every solver raise the same
-:class:`trlib.NonFiniteCurvatureError`.
+A non-finite product makes every solver raise :class:`trlib.NonFiniteCurvatureError`.
 
 Example
 -------
@@ -485,23 +481,13 @@ def solve_subproblem(grad: Tensor, hvp: HVP, radius: float, *, ellipsoid: Option
                      generator: Optional[torch.Generator] = None, certificate: bool = False) -> SubproblemResult:
     r"""Approximately minimise :math:`g^\top s + \frac12 s^\top H s` s.t. :math:`\|s\|_A \le \Delta`.
 
-    Args:
-        grad: the gradient :math:`g`, a 1-D floating tensor.
-        hvp: the curvature: a callable ``v -> H v`` on 1-D tensors, a dense square tensor,
-            or a :class:`trlib.curvature.Operator`.
-        radius: :math:`\Delta > 0`.
-        ellipsoid: the positive vector :math:`a` of :math:`A = \operatorname{diag}(a)`;
-            ``None`` is the sphere.
-        method: ``"cauchy"``, ``"cg"``, ``"gltr"`` or ``"exact"`` (see the module docstring).
-        rtol, max_iter, check_every, generator, certificate: the solver's options
-            (:class:`Solver`).
-
-    Returns:
-        :class:`SubproblemResult`. All computation happens on ``grad``'s device and in its
-        dtype (the small tridiagonal and secular problems are solved in float64 on the host).
-
-    One query and one solve of the solver registered as ``method``; to solve one point for
-    several radii, keep the solver (``get_solver(method).query(grad, hvp, ellipsoid)``).
+    ``grad``: :math:`g` (1-D); ``hvp``: a callable ``v -> H v``, a dense square tensor or a
+    :class:`trlib.curvature.Operator`; ``radius``: :math:`\Delta > 0`; ``ellipsoid``: the
+    positive :math:`a` of :math:`A = \operatorname{diag}(a)` (None: the sphere); ``method``: a
+    name of :data:`SOLVERS`; the rest: the solver's options (:class:`Solver`). Returns a
+    :class:`SubproblemResult`, computed on ``grad``'s device and in its dtype (the small
+    tridiagonal and secular problems in float64 on the host). One query and one solve: for
+    several radii at one point keep the solver, ``get_solver(method).query(grad, hvp, ellipsoid)``.
 
     References: Steihaug (1983); Toint (1981); Gould, Lucidi, Roma & Toint (1999);
     Moré & Sorensen (1983); Conn, Gould & Toint (2000), chapter 7.

@@ -1,7 +1,9 @@
 """Shared helpers of the benchmark scripts: device banner, timing, tables, JSON.
 
 Not a benchmark itself. Each script in this folder imports it as ``_common`` (running
-``python benchmarks/<name>.py`` puts this folder first on ``sys.path``).
+``python benchmarks/<name>.py`` puts this folder first on ``sys.path``). The timing helpers
+are the library's own (:mod:`trlib.timing`, which chapter 7 of the course uses too), so the
+benchmarks and the book measure the same way.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
+
+from trlib.timing import synchronize, time_interleaved, time_median  # noqa: F401 (used by the scripts)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,52 +86,6 @@ def print_environment(title: str, env: Dict[str, str], settings: Dict) -> None:
     print(f"torch {env['torch']} | numpy {env['numpy']} | scipy {env['scipy']} | python {env['python']} | {env['date']}")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     print()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_median(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int) -> Dict[str, float]:
-    """Median (and min/max) wall time of ``fn()`` in seconds, after ``warmup`` untimed calls.
-
-    On CUDA the device is synchronised before and after every timed call, so the time is
-    that of the work, not of the kernel launches.
-    """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: List[float] = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
-
-
-def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, *, repeats: int,
-                     warmup: int) -> Dict[str, Dict[str, float]]:
-    """Like :func:`time_median` for several functions, timed round-robin.
-
-    Each round times every function once, so all of them see the same machine load
-    (other processes on a shared CPU); ratios of medians are then fair comparisons.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    synchronize(device)
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[key].append(time.perf_counter() - t0)
-    return {k: {"median": statistics.median(ts), "min": min(ts), "max": max(ts)} for k, ts in times.items()}
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], align: Optional[str] = None) -> str:

@@ -37,11 +37,14 @@ X_AXES = {
 }
 Y_LABELS = {"train_loss": "training loss", "test_loss": "test loss",
             "train_acc": "training accuracy", "test_acc": "test accuracy"}
-METHOD_LABELS = {"tr_uniform": "TR, sphere (uniform)", "tr_adagrad": "TR, Adagrad ellipsoid",
-                 "tr_rms": "TR, RMSProp ellipsoid", "sgd": "SGD", "adagrad": "Adagrad",
-                 "rmsprop": "RMSProp", "adam": "Adam"}
-_COLORS = {"tr_uniform": "tab:blue", "tr_adagrad": "tab:orange", "tr_rms": "tab:red", "sgd": "tab:gray",
-           "adagrad": "tab:olive", "rmsprop": "tab:purple", "adam": "tab:cyan"}
+#: Legend label of each method. ``tr_uniform_equal_volume`` is a ``tr_uniform`` run relabelled: its first
+#: radius gives the sphere the volume of TR-RMS's first region (chapter 7 of the course).
+METHOD_LABELS = {"tr_uniform": "TR, sphere (uniform)",
+                 "tr_uniform_equal_volume": "TR, sphere (equal-volume first radius)",
+                 "tr_adagrad": "TR, Adagrad ellipsoid", "tr_rms": "TR, RMSProp ellipsoid", "sgd": "SGD",
+                 "adagrad": "Adagrad", "rmsprop": "RMSProp", "adam": "Adam"}
+_COLORS = {"tr_uniform": "tab:blue", "tr_uniform_equal_volume": "tab:brown", "tr_adagrad": "tab:orange",
+           "tr_rms": "tab:red", "sgd": "tab:gray", "adagrad": "tab:olive", "rmsprop": "tab:purple", "adam": "tab:cyan"}
 
 
 def method_style(method: str) -> Dict[str, Any]:

@@ -121,16 +121,15 @@ def time_median(fn: Callable[[], Any], device: Union[str, torch.device, None] = 
 
 @dataclass
 class StepProfile:
-    """What :func:`profile_tr_step` measured.
+    r"""What :func:`profile_tr_step` measured.
 
-    Attributes:
-        times: per quantity (:data:`PASSES`, ``"TR step"`` and the caller's extras) the
-            ``median``, ``min``, ``max`` and per-round ``times``, in seconds.
-        products: the Hessian-vector products of each timed TR step.
-        overhead: median over rounds of :math:`t_{\\text{step}} / (t_g + k t_h + t_f) - 1`,
-            each term taken from the same round (:math:`t_g` with graph for double backward,
-            without for forward-over-reverse, which needs no graph).
-        hvp: the product mode of the TR steps.
+    ``times``: per quantity (:data:`PASSES`, ``"TR step"`` and the caller's extras) the
+    ``median``, ``min``, ``max`` and per-round ``times``, in seconds;
+    ``products``: the Hessian-vector products of each timed TR step;
+    ``overhead``: the median over rounds of :math:`t_{\text{step}} / (t_g + k\, t_h + t_f) - 1`,
+    every term from the same round (:math:`t_g` with graph for double backward, without for
+    forward-over-reverse, which needs no graph);
+    ``hvp``: the product mode of the TR steps.
     """
 
     times: Dict[str, Dict[str, Any]]

@@ -47,7 +47,6 @@ NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
 PENDING = {
     "05_mlps_and_cnns.ipynb": "the engineer of chapter 5",
     "06_autoencoders.ipynb": "the engineer of chapter 6",
-    "07_cifar_resnets.ipynb": "the engineer of chapter 7",
 }
 
 # ----------------------------------------------------------------------------- vocabulary

@@ -465,7 +465,9 @@ class Exact(Solver):
         return float(self.eigvals[0]), u if self.scale is None else self.scale * u
 
 
+#: The registered solvers by name: ``"cauchy"``, ``"cg"``, ``"gltr"``, ``"exact"``.
 SOLVERS: Dict[str, Type[Solver]] = {cls.name: cls for cls in (Cauchy, SteihaugCG, GLTR, Exact)}
+#: The names of :data:`SOLVERS`.
 METHODS = tuple(SOLVERS)
 
 

@@ -76,8 +76,25 @@ def test_budget_parsing():
     ("mnist_autoencoder", "adagrad", dict(lr=.01)),
 ])
 def test_config_follows_the_authors_table(task, method, expected):
-    cfg = get_config(task, method)
+    cfg = get_config(task, method, preset="paper")
     assert {k: cfg[k] for k in expected} == expected
+    assert cfg["preset"] == "paper"
+    if cfg["kind"] == "tr":  # the paper's algorithm: products and ratio test on the step's batch, the loss rule
+        assert (cfg["hessian_batch"], cfg["acceptance"], cfg["batch_rule"]) == (1.0, "own", "paper")
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_the_defaults_are_the_authors_table_with_the_measured_changes(task):
+    for method in METHODS:
+        paper, default = get_config(task, method, preset="paper"), get_config(task, method)
+        changed = {k for k in paper if paper[k] != default[k]} - {"preset"}
+        if paper["kind"] == "first_order":
+            assert changed <= {"lr"}  # tuned rates where a sweep on the real data is recorded
+            continue
+        mlp = task.endswith("_mlp")
+        assert changed == ({"hessian_batch", "radius", "batch_size"} if mlp else {"hessian_batch", "radius"})
+        assert default["hessian_batch"] == 0.125 and default["radius"] is None
+        assert default["batch_size"] == (256 if mlp else paper["batch_size"])
 
 
 def test_every_task_and_method_has_a_config():
@@ -86,6 +103,24 @@ def test_every_task_and_method_has_a_config():
             cfg = get_config(task, method)
             json.dumps(cfg)  # stored with every result
             assert cfg["kind"] == ("tr" if method.startswith("tr_") else "first_order")
+
+
+def test_tr_options_are_validated():
+    assert get_config("mnist_mlp", "tr_rms", hessian_batch=64)["hessian_batch"] == 64  # an int: a size
+    assert get_config("mnist_mlp", "tr_rms", hessian_batch=0.25)["hessian_batch"] == 0.25
+    for bad in (0, 0.0, 1.5, 64.0, -3, True, "half"):
+        with pytest.raises(ValueError, match="'hessian_batch' must be a fraction of the batch in .0, 1. or a number"):
+            get_config("mnist_mlp", "tr_rms", hessian_batch=bad)
+    with pytest.raises(ValueError, match="'acceptance' must be one of 'own', 'independent', got 'batch'"):
+        get_config("mnist_mlp", "tr_rms", acceptance="batch")
+    with pytest.raises(ValueError, match="'batch_rule' must be one of 'paper', 'noise'"):
+        get_config("mnist_mlp", "tr_rms", batch_rule="loss")
+    with pytest.raises(ValueError, match="batch_rule='noise' estimates the gradient noise from the Hessian sub-batch"):
+        get_config("mnist_mlp", "tr_rms", preset="paper", batch_rule="noise")
+    with pytest.raises(ValueError, match="'noise_batch_scale' must be a positive number"):
+        get_config("mnist_mlp", "tr_rms", batch_rule="noise", noise_batch_scale=0)
+    with pytest.raises(ValueError, match="unknown setting 'hessian_batch' for method 'adam'"):
+        get_config("mnist_mlp", "adam", hessian_batch=0.5)
 
 
 def test_config_overrides_are_validated():
@@ -143,17 +178,49 @@ def test_tr_backprops_are_gradients_plus_hvps_and_evaluation_is_free(digits, mon
     seen = []
     real_step = runner.TrustRegion.step
 
-    def spy(self, closure):
-        out = real_step(self, closure)
+    def spy(self, closure, **extras):
+        out = real_step(self, closure, **extras)
         seen.append(self.last["iterations"])
+        assert not extras  # the paper's algorithm: products on the step's own batch
         return out
 
     monkeypatch.setattr(runner.TrustRegion, "step", spy)
-    dense = go("tr_adagrad", "4epochs", digits, overrides={"eval_every": 0.05})
+    dense = go("tr_adagrad", "4epochs", digits, preset="paper", overrides={"eval_every": 0.05})
     steps = len(seen)
     assert dense[-1]["backprops"] == steps + sum(seen) and dense[-1]["step"] == steps
-    sparse = go("tr_adagrad", "4epochs", digits, overrides={"eval_every": 100.0})
+    sparse = go("tr_adagrad", "4epochs", digits, preset="paper", overrides={"eval_every": 100.0})
     assert without_time(dense[-1:]) == without_time(sparse[-1:])
+
+
+def test_products_on_a_sub_batch_count_their_fraction_of_a_backprop_and_of_the_data(digits, monkeypatch):
+    # independent of opt.counts: the sizes of the batches the runner built closures for, and the
+    # products the solver reported
+    sizes, steps = [], []
+    real_closure, real_step = runner.Trainer.closure, runner.TrustRegion.step
+
+    def closure_spy(self, idx):
+        sizes.append(len(idx))
+        return real_closure(self, idx)
+
+    def step_spy(self, closure, **extras):
+        out = real_step(self, closure, **extras)
+        b, m = sizes[-2:]  # the step's batch, then its Hessian sub-batch
+        assert extras["hessian_fraction"] == m / b and "test_closure" not in extras
+        steps.append((b, m, self.last["iterations"]))
+        return out
+
+    monkeypatch.setattr(runner.Trainer, "closure", closure_spy)
+    monkeypatch.setattr(runner.TrustRegion, "step", step_spy)
+    log = go("tr_adagrad", "3epochs", digits, overrides={"eval_every": 100.0})  # the defaults: 1/8, batch 256
+    assert {b for b, _, _ in steps} == {256, 157} and {m for _, m, _ in steps} == {32, 20}
+    assert max(k for _, _, k in steps) > 1 and len(sizes) == 2 * len(steps)
+    first = 1 / 8  # the automatic first radius: one product on the first step's sub-batch
+    assert log[-1]["backprops"] == pytest.approx(first + sum(1 + m / b * (1 + k) for b, m, k in steps), rel=1e-12)
+    assert log[-1]["data_passes"] == pytest.approx((32 + sum(b + m * (1 + k) for b, m, k in steps)) / N, rel=1e-12)
+    steps.clear()
+    sized = go("tr_adagrad", "1epochs", digits, overrides={"eval_every": 100.0, "hessian_batch": 40})
+    assert {m for _, m, _ in steps} == {40}
+    assert sized[-1]["data_passes"] == pytest.approx((40 + sum(b + m * (1 + k) for b, m, k in steps)) / N, rel=1e-12)
 
 
 def test_data_passes_are_the_samples_through_gradients_and_products(digits, monkeypatch):
@@ -166,15 +233,15 @@ def test_data_passes_are_the_samples_through_gradients_and_products(digits, monk
         steps.append((self.state.samples - drawn, self.opt.last["iterations"] if tr else 0))
 
     monkeypatch.setattr(runner.Trainer, "step", spy)
-    log = go("tr_adagrad", "3epochs", digits)
+    log = go("tr_adagrad", "3epochs", digits, preset="paper")
     assert {b for b, _ in steps} == {512, 413} and max(k for _, k in steps) > 1
     assert log[-1]["data_passes"] == pytest.approx(sum(b * (1 + k) for b, k in steps) / N, rel=1e-12)
     assert log[-1]["data_passes"] > log[-1]["epoch"] == 3.0
     # a first-order step sends its batch through one gradient: data passes are epochs
     assert all(r["data_passes"] == pytest.approx(r["epoch"]) for r in go("sgd", "2.5epochs", digits))
     steps.clear()
-    warm = go("tr_rms", "2epochs", digits, overrides={"warmup_method": "rmsprop", "warmup_lr": 5e-4,
-                                                       "warmup_epochs": 1, "radius": 0.05})
+    warm = go("tr_rms", "2epochs", digits, preset="paper", overrides={"warmup_method": "rmsprop", "warmup_lr": 5e-4,
+                                                                       "warmup_epochs": 1, "radius": 0.05})
     main_steps = [(b, k) for b, k in steps if k]
     assert warm[1]["phase"] == "main" and warm[1]["data_passes"] == 1.0  # the warm-up epoch
     assert warm[-1]["data_passes"] == pytest.approx(1.0 + sum(b * (1 + k) for b, k in main_steps) / N)
@@ -230,9 +297,61 @@ def test_tr_batch_grows_when_the_full_loss_check_fails(digits, monkeypatch):
     assert {r["batch_size"] for r in go("tr_uniform", "5epochs", digits, overrides={"batch_size": 128})} == {128}
 
 
+def test_independent_acceptance_tests_each_step_on_a_fresh_batch_of_its_size(digits, monkeypatch):
+    drawn, steps = [], []
+    real_closure, real_step = runner.Trainer.closure, runner.TrustRegion.step
+
+    def closure_spy(self, idx):
+        drawn.append(idx.clone())
+        return real_closure(self, idx)
+
+    def step_spy(self, closure, **extras):
+        out = real_step(self, closure, **extras)
+        batch, sub, test = drawn[-3:]
+        assert torch.equal(sub, batch[:len(sub)]) and len(test) == len(batch)
+        steps.append((batch, test, self.last))
+        return out
+
+    monkeypatch.setattr(runner.Trainer, "closure", closure_spy)
+    monkeypatch.setattr(runner.TrustRegion, "step", step_spy)
+    go("tr_rms", "2epochs", digits, overrides={"acceptance": "independent", "eval_every": 100.0})
+    for batch, test, last in steps:
+        assert len(set(batch.tolist()) & set(test.tolist())) < len(batch) // 2  # not the step's batch
+        assert math.isfinite(last["test_loss"]) and last["test_loss"] != last["loss"]
+    assert len({tuple(t.tolist()) for _, t, _ in steps}) == len(steps)  # a new test batch every step
+
+
+def test_noise_batch_rule_grows_the_batch_without_the_full_loss_check(digits, monkeypatch):
+    def no_check(self):
+        raise AssertionError("batch_rule='noise' needs no full-loss check")
+
+    monkeypatch.setattr(runner.Trainer, "full_training_loss", no_check)
+    log = go("tr_rms", "4epochs", digits, overrides={"batch_rule": "noise", "noise_batch_scale": 8.0,
+                                                      "eval_every": 0.5})
+    sizes = [r["batch_size"] for r in log]
+    assert sizes[0] == 256 and sizes == sorted(sizes) and 256 < sizes[-1] <= int(0.2 * N)
+
+
+def test_non_finite_curvature_ends_the_run_as_diverged(tmp_path, digits, monkeypatch):
+    real_step, calls = runner.TrustRegion.step, []
+
+    def failing(self, closure, **extras):
+        calls.append(1)
+        if len(calls) == 3:
+            raise runner.NonFiniteCurvatureError()
+        return real_step(self, closure, **extras)
+
+    monkeypatch.setattr(runner.TrustRegion, "step", failing)
+    log = go("tr_rms", "3epochs", digits, out=tmp_path)  # caught by the runner: no traceback
+    assert len(calls) == 3 and log[-1]["step"] == 3 and math.isfinite(log[-1]["train_loss"])
+    (r,) = load_runs(tmp_path)
+    assert r.provenance["status"] == "diverged" and r.records == log
+    assert go("tr_rms", "5epochs", digits, out=tmp_path) == log and len(calls) == 3  # a diverged run is over
+
+
 def test_warmup_then_trust_region(digits):
-    log = go("tr_rms", "2epochs", digits, overrides={"warmup_method": "rmsprop", "warmup_lr": 5e-4,
-                                                      "warmup_epochs": 1, "eval_every": 0.5})
+    log = go("tr_rms", "2epochs", digits, preset="paper", overrides={"warmup_method": "rmsprop", "warmup_lr": 5e-4,
+                                                                      "warmup_epochs": 1, "eval_every": 0.5})
     warm = [r for r in log if r["phase"] == "warmup"]
     main_ = [r for r in log if r["phase"] == "main"]
     assert warm and main_ and all(r["lr"] == 5e-4 and r["batch_size"] == 128 for r in warm)
@@ -258,6 +377,7 @@ def interrupt_at(step, exc):
     ("tr_rms", {"warmup_method": "rmsprop", "warmup_lr": 5e-4, "warmup_epochs": 1}, 7),  # in the warm-up
     ("tr_rms", {"warmup_method": "rmsprop", "warmup_lr": 5e-4, "warmup_epochs": 1}, 17),  # in the TR phase
     ("adam", {}, 20),
+    ("tr_rms", {"acceptance": "independent", "batch_rule": "noise", "noise_batch_scale": 8.0}, 9),
 ])
 def test_ctrl_c_then_resume_is_bit_for_bit(tmp_path, digits, method, overrides, stop_at):
     overrides = dict(overrides, eval_every=0.3)
@@ -278,9 +398,9 @@ def test_crash_then_resume_from_the_epoch_checkpoint_is_bit_for_bit(tmp_path, di
     # A crash (or a killed process) writes nothing: the run restarts from the last epoch's checkpoint.
     reference = go("tr_adagrad", "3epochs", digits)
     with pytest.raises(Stop):
-        go("tr_adagrad", "3epochs", digits, out=tmp_path, on_step=interrupt_at(5, Stop()))
+        go("tr_adagrad", "3epochs", digits, out=tmp_path, on_step=interrupt_at(9, Stop()))
     ck = load_checkpoint(next(tmp_path.glob("checkpoints/*.pt")))
-    assert ck["state"]["epochs_done"] == 1 and ck["state"]["steps"] == 3  # 3 TR batches of 512 per epoch
+    assert ck["state"]["epochs_done"] == 1 and ck["state"]["steps"] == 6  # 6 TR batches of 256 per epoch
     assert without_time(go("tr_adagrad", "3epochs", digits, out=tmp_path)) == without_time(reference)
 
 
@@ -519,6 +639,17 @@ def test_cli_end_to_end(tmp_path):
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = cli("table", "--in", str(out), "--threshold", "0.5")
     assert table.returncode == 0 and "data passes to 50%" in table.stdout, table.stderr
+
+
+def test_tr_options_from_the_cli(tmp_path, capsys):
+    assert main(["config", "--task", "fashion_mnist_mlp", "--method", "tr_rms", "--set", "hessian_batch=64",
+                 "acceptance=independent"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["hessian_batch"], cfg["acceptance"], cfg["batch_size"]) == (64, "independent", 256)
+    assert main(["run", "--task", "mnist_mlp", "--method", "tr_rms", "--budget", "2backprops", "--out", str(tmp_path),
+                 "--data", "stand-in", "--no-progress", "--set", "hessian_batch=0.5"]) == 0
+    (r,) = load_runs(tmp_path)
+    assert r.provenance["config"]["hessian_batch"] == 0.5 and r.records[-1]["backprops"] % 0.5 == 0
 
 
 def test_help(capsys):

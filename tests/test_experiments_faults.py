@@ -26,7 +26,7 @@ from trlib.experiments.storage import CheckpointError, RunLock, RunLockedError, 
 
 ROOT = Path(__file__).resolve().parents[1]
 RID = "mnist_mlp__tr_rms__digits__seed0"
-SETTINGS = {"radius": 0.05, "eval_every": 0.5}  # 3 TR steps per epoch on the 1,437 digits
+SETTINGS = {"radius": 0.05, "eval_every": 0.5, "batch_size": 512}  # 3 TR steps per epoch on the 1,437 digits
 fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked child process (POSIX only)")
 
 
@@ -317,7 +317,7 @@ def test_a_damaged_checkpoint_ends_in_one_line_offering_fresh(tmp_path, digits, 
     assert message in text and str(path) in text and "\n" not in text
     assert ("--fresh" in text) != (case == "a folder")  # --fresh cannot remove a folder: move it away
     argv = ["run", "--task", "mnist_mlp", "--method", "tr_rms", "--budget", "4epochs", "--out", str(tmp_path),
-            "--data", "stand-in", "--no-progress", "--set", "radius=0.05", "eval_every=0.5"]
+            "--data", "stand-in", "--no-progress", "--set", "radius=0.05", "eval_every=0.5", "batch_size=512"]
     code, stdout, stderr = cli(argv, capsys)
     assert code == 1 and stdout == "" and len(stderr.strip().splitlines()) == 2  # the data note and the error
     assert stderr.strip().splitlines()[-1].startswith("error: ") and message in stderr
@@ -365,7 +365,7 @@ def test_a_smaller_rerun_warns_and_leaves_the_run_and_its_budget_alone(tmp_path,
     assert r.records == log and p["budget"] == "3epochs" and p["status"] == "complete"
     assert [s["budget"] for s in p["sessions"]] == ["3epochs", "1epochs"]
     code, _, err = cli(["run", "--task", "mnist_mlp", "--method", "tr_rms", "--budget", "5backprops", "--out",
-                        str(tmp_path), "--data", "stand-in", "--set", "radius=0.05", "eval_every=0.5",
+                        str(tmp_path), "--data", "stand-in", "--set", "radius=0.05", "eval_every=0.5", "batch_size=512",
                         "--no-progress"], capsys)
     assert code == 0 and "warning: mnist_mlp__tr_rms__digits__seed0 has already spent" in err
     with warnings.catch_warnings():

@@ -14,7 +14,9 @@ mini-batch, in three phases:
 
 Work per iteration: 1 gradient (a forward and a backward, with graph) + ``k`` Hessian-
 vector products + 1 forward; ``opt.counts`` adds them up exactly (by wrapping the closure
-and the operator).
+and the operator). With ``step(closure, hessian_closure=..., hessian_fraction=f)`` the
+products run on a sub-batch and weigh ``f`` each (sub-sampled Newton); with
+``test_closure=...`` the ratio test runs on an independent batch.
 
 In a torch training stack (the README's recipes): the trial evaluation replays the random
 state of the closure's first call (dropout draws the same masks at :math:`w_t` and
@@ -185,6 +187,19 @@ def _frozen_running_stats(module: Optional[nn.Module]):
         handle.remove()
         for m in frozen:
             m.track_running_stats = True
+
+
+def _check_loss(loss, name: str, differentiable: bool = True) -> None:
+    """What a closure returns: a scalar float32/float64 tensor (that depends on the parameters)."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"Invalid {name}: it must return the loss as a scalar tensor")
+    if differentiable and not loss.requires_grad:
+        raise ValueError(f"Invalid {name}: the loss does not depend on the parameters "
+                         "(was it computed under torch.no_grad() or detached?)")
+    if loss.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"Invalid {name}: the loss is {loss.dtype}; compute it in float32 (e.g. "
+                         "loss_fn(logits.float(), y)): the ratio test compares losses that differ in digits a "
+                         "half-precision number does not have (autocast the forward only)")
 
 
 #: torch's own messages for contracts a closure can break, and what to do instead.
@@ -407,8 +422,11 @@ class TrustRegion(torch.optim.Optimizer):
 
     @property
     def last(self) -> dict:
-        """The last step's ``radius``, ``rho``, ``accepted``, ``loss``, ``trial_loss``,
-        ``model_decrease``, ``iterations``, ``on_boundary``, ``negative_curvature``, ``grad_norm``, ``status``."""
+        """The last step's ``radius``, ``rho``, ``accepted``, ``loss``, ``trial_loss``, ``model_decrease``,
+        ``iterations``, ``on_boundary``, ``negative_curvature``, ``grad_norm``, ``hessian_fraction`` (1
+        without a sub-batch) and ``status``; with a ``test_closure``, ``test_loss`` (the independent
+        batch's loss at :math:`w_t`); when a sub-batch gave it, the gradient-noise estimate ``noise``,
+        ``noise_var`` and ``grad_sq`` (see :meth:`step`)."""
         return dict(self._state().get("last", {}))
 
     @property
@@ -487,8 +505,10 @@ class TrustRegion(torch.optim.Optimizer):
         return tensor.div_(torch.distributed.get_world_size(self.process_group))
 
     # ------------------------------------------------------------------ the three phases
-    def _evaluate(self, closure, group, params, counts, steps, replay):
-        """Loss, gradient (averaged over processes) and the counted curvature operator."""
+    def _evaluate(self, closure, group, params, counts, steps, replay, hessian_closure, fraction):
+        """Loss, gradient (averaged over processes), the counted curvature operator (of the
+        ``hessian_closure``'s batch when there is one, each product weighing ``fraction``) and that
+        batch's gradient (None without one, or when the products need no gradient graph)."""
         double_backward = group["hvp"] == "double_backward"
         backward_called = []
         hooks = [p.register_post_accumulate_grad_hook(lambda _: backward_called.append(True)) for p in params]
@@ -502,15 +522,7 @@ class TrustRegion(torch.optim.Optimizer):
             raise ValueError("Invalid closure: it called backward() (LBFGS-style, or Lightning's automatic "
                              "optimisation); TrustRegion differentiates the loss itself, twice: the closure must only "
                              "compute and return the loss (with Lightning, use manual optimisation)")
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError("Invalid closure: it must return the loss as a scalar tensor")
-        if not loss.requires_grad:
-            raise ValueError("Invalid closure: the loss does not depend on the parameters "
-                             "(was it computed under torch.no_grad() or detached?)")
-        if loss.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Invalid closure: the loss is {loss.dtype}; compute it in float32 (e.g. "
-                             "loss_fn(logits.float(), y)): the ratio test compares losses that differ in digits a "
-                             "half-precision number does not have (autocast the forward only)")
+        _check_loss(loss, "closure")
         loss_value = float(self._mean(loss.detach()))
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
@@ -518,15 +530,26 @@ class TrustRegion(torch.optim.Optimizer):
                 "changed. Check the mini-batch and the model's outputs for NaN/inf (a warm-up phase with too large "
                 "a learning rate is a common cause).")
         with torch.enable_grad():
-            grad_graph = curvature.flat_grad(loss, params, create_graph=double_backward)
+            grad_graph = curvature.flat_grad(loss, params, create_graph=double_backward and hessian_closure is None)
         counts["gradient"] += 1
         grad = self._mean(grad_graph.detach())
         if not bool(torch.all(torch.isfinite(grad))):
             raise NonFiniteLossError(f"the gradient contains NaN/inf at the current parameters (step {steps})")
+        curvature_closure, sub_grad = closure, None
+        if hessian_closure is not None:
+            curvature_closure = hessian_closure
+            if double_backward:  # the sub-batch's own gradient pass, with its graph, weighs its fraction
+                with torch.enable_grad(), _frozen_running_stats(self.module):
+                    sub_loss = replay.again(hessian_closure)
+                    _check_loss(sub_loss, "hessian_closure")
+                    grad_graph = curvature.flat_grad(sub_loss, params, create_graph=True)
+                counts["gradient"] += fraction
+                sub_grad = self._mean(grad_graph.detach())
         if double_backward:
             op = curvature.hvp_double_backward(grad_graph, params)
         else:
-            raw = curvature.hvp_forward_over_reverse(curvature.functional_loss(closure, self.module, params), params)
+            raw = curvature.hvp_forward_over_reverse(curvature.functional_loss(curvature_closure, self.module, params),
+                                                     params)
 
             def frozen(v):  # each product re-runs the closure: the first call's batch statistics and randomness
                 with _frozen_running_stats(self.module):
@@ -536,7 +559,7 @@ class TrustRegion(torch.optim.Optimizer):
         if self.distributed:
             local = op
             op = curvature.Operator(lambda v: self._mean(local(v)), op.size, dtype=op.dtype, device=op.device)
-        return loss, loss_value, grad, curvature.as_operator(op, grad).counted(counts, "hvp")
+        return loss, loss_value, grad, curvature.as_operator(op, grad).counted(counts, "hvp", fraction), sub_grad
 
     def _region(self, group, st, grad, op, active, lr):
         """The ellipsoid (on a copy of the norm's state), the model's gradient and operator on the
@@ -571,6 +594,26 @@ class TrustRegion(torch.optim.Optimizer):
             radius = float(min(max(length, 1e-12), group["max_radius"])) if cauchy.gnorm > 0 else 1.0
         return norm_state, ellipsoid, model_grad, op, min(radius, group["max_radius"]), cauchy, grad_norm
 
+    def _test_loss(self, test_closure, replay) -> float:
+        """The independent batch's loss at the current point (forward only, the first call's randomness)."""
+        with torch.no_grad(), _frozen_running_stats(self.module):
+            value = replay.again(test_closure)
+        _check_loss(value, "test_closure", differentiable=False)
+        return float(self._mean(value.detach()))
+
+    @staticmethod
+    def _noise(sub_grad, grad, model_grad, ellipsoid, active, fraction) -> Dict[str, float]:
+        """The gradient-noise estimate of ``step``'s docstring, from the sub-batch gradient (none without one)."""
+        if sub_grad is None or not fraction < 1:
+            return {}
+        diff = sub_grad - grad
+        if active is not None:
+            diff = diff.index_select(0, active)
+        dual = 1.0 if ellipsoid is None else 1.0 / ellipsoid  # ||v||^2 in the metric A^{-1}, the gradient's
+        noise_var = float(torch.sum(dual * diff * diff)) / (1.0 / fraction - 1.0)
+        grad_sq = float(torch.sum(dual * model_grad * model_grad))
+        return dict(noise=noise_var / grad_sq if grad_sq > 0 else math.inf, noise_var=noise_var, grad_sq=grad_sq)
+
     def _refuse_grad_scaler(self) -> None:
         if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:
             self.__dict__.pop("found_inf", None)
@@ -580,8 +623,10 @@ class TrustRegion(torch.optim.Optimizer):
                              "itself. Call opt.step(closure) directly, with torch.autocast around the model's "
                              "forward inside the closure and the loss computed in float32")
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
-        """One iteration of Algorithm 1 on the closure's mini-batch.
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, *,  # type: ignore[override]
+             hessian_closure: Optional[Callable[[], Tensor]] = None, hessian_fraction: Optional[float] = None,
+             test_closure: Optional[Callable[[], Tensor]] = None) -> Tensor:
+        r"""One iteration of Algorithm 1 on the closure's mini-batch.
 
         Args:
             closure: required. A function of no arguments that computes the loss on the
@@ -599,6 +644,43 @@ class TrustRegion(torch.optim.Optimizer):
                 ``backward``); BatchNorm layers in train mode use batch statistics at every
                 call and update their running statistics once per step. Code with other
                 side effects (counters, logging) runs once per call.
+            hessian_closure: the loss on a *sub-sample* :math:`S` of the closure's batch
+                :math:`B` (same contract as ``closure``): the model's curvature, every
+                Hessian-vector product, comes from it, while the gradient and the ratio test stay
+                on :math:`B`. A step then costs :math:`1 + f + f k` backprops instead of
+                :math:`1 + k` (``k`` products, :math:`f = |S|/|B|`). Sub-sampled Newton theory
+                bounds the price: with per-sample Hessians bounded by :math:`K` in norm, a
+                uniformly drawn :math:`S` of size of order :math:`K^2 \epsilon^{-2}
+                \log(d/\delta)` gives :math:`\|H_S - H\| \le \epsilon` with probability
+                :math:`1 - \delta` (matrix Bernstein), which is what the trust-region and cubic
+                analyses need of the model's Hessian (Assumption 1's :math:`\delta_H`; Roosta-
+                Khorasani & Mahoney 2019, *Math. Program.* 174; Xu, Roosta-Khorasani & Mahoney 2020,
+                *Math. Program.* 184; Kohler & Lucchi 2017, ICML), while the gradient needs the
+                larger batch (:math:`\delta_g` scales with :math:`\epsilon_g`, not
+                :math:`\sqrt{\epsilon_H}`). Called once with gradients enabled (double
+                backward) or once per product (forward-over-reverse), from the closure's random
+                state, leaving BatchNorm's running statistics alone.
+            hessian_fraction: required with ``hessian_closure``: :math:`f = |S|/|B|`, the size of
+                its batch relative to the closure's, stated by the caller (never inferred from the
+                losses). Each product and the sub-batch's gradient pass add :math:`f` to
+                ``counts``, which stay in units of passes over the closure's batch. When
+                :math:`f < 1` and :math:`S` is a random part of :math:`B`, the step also
+                estimates the gradient noise for free: :math:`\mathbb E\|g_S - g_B\|^2 =
+                (1/f - 1)\,\mathbb E\|g_B - \nabla\mathcal L\|^2`, in the region's metric
+                :math:`A^{-1}` (``last["noise_var"]``; ``last["grad_sq"]`` is
+                :math:`\|g_B\|^2_{A^{-1}}`, ``last["noise"]`` their ratio, the norm test of
+                Byrd, Chin, Nocedal & Wu 2012: near 1 the batch gradient is mostly noise).
+                One sample of each: average them over steps before use. Not estimated with
+                ``hvp="forward_over_reverse"`` (no sub-batch gradient is formed).
+            test_closure: the loss on an *independent* batch :math:`B'` (no gradient needed). The
+                ratio test then measures the decrease there, :math:`\rho = (\mathcal L_{B'}(w_t) -
+                \mathcal L_{B'}(w_t + s_t)) / (m_t(0) - m_t(s_t))` (two forward passes, counted in
+                ``counts["forward"]``), which is not biased upwards by fitting the step to
+                :math:`B`'s noise (the function estimates of stochastic trust regions:
+                Blanchet, Cartis, Menickelly & Scheinberg 2019). Expect
+                :math:`\rho \approx 1 - \text{noise}` for short steps: near a point where the
+                gradient is mostly noise the radius shrinks, so it needs batches large enough
+                for the noise (benchmarks/STOCHASTIC_TR.md measures when it pays).
 
         Returns:
             The closure's loss at :math:`w_t`, before the step (detached; in data-parallel
@@ -614,13 +696,28 @@ class TrustRegion(torch.optim.Optimizer):
             NonFiniteCurvatureError: a Hessian-vector product is NaN/inf; the weights and
                 the optimizer's state are left as they were (the work spent is counted).
             ValueError: a closure that breaks the contract (none, ``backward()`` inside, a
-                detached or half-precision loss); parameters one step cannot move (meta
-                device, mixed devices or dtypes, ``requires_grad`` changed); a call through
-                ``GradScaler``.
+                detached or half-precision loss); a ``hessian_closure`` without its
+                ``hessian_fraction``; parameters one step cannot move (meta device, mixed devices
+                or dtypes, ``requires_grad`` changed); a call through ``GradScaler``.
         """
         self._refuse_grad_scaler()
         if closure is None or not callable(closure):
             raise ValueError("TrustRegion.step needs a closure that returns the mini-batch loss (no backward inside)")
+        for name, extra in (("hessian_closure", hessian_closure), ("test_closure", test_closure)):
+            if extra is not None and not callable(extra):
+                raise ValueError(f"Invalid {name}: expected a function of no arguments returning a loss, got "
+                                 f"{type(extra).__name__}")
+        fraction = 1.0
+        if hessian_closure is not None:
+            if hessian_fraction is None:
+                raise ValueError("Invalid hessian_fraction: a hessian_closure needs hessian_fraction = the size of its "
+                                 "batch / the size of the closure's (it weighs each product in counts)")
+            if isinstance(hessian_fraction, bool) or not (isinstance(hessian_fraction, (int, float))
+                                                          and math.isfinite(hessian_fraction) and hessian_fraction > 0):
+                raise ValueError(f"Invalid hessian_fraction: {hessian_fraction!r} (must be a positive finite number)")
+            fraction = float(hessian_fraction)
+        elif hessian_fraction is not None:
+            raise ValueError("Invalid hessian_fraction: it describes a hessian_closure, and none was given")
         group = self.param_groups[0]
         by_group = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
         params = [p for ps in by_group for p in ps]
@@ -649,13 +746,15 @@ class TrustRegion(torch.optim.Optimizer):
             return 0.5 * float(torch.dot(decay * w, w))
 
         with _explained_errors():
-            loss, loss_value, grad, op = self._evaluate(closure, group, params, counts, st["steps"], replay)
+            loss, loss_value, grad, op, sub_grad = self._evaluate(closure, group, params, counts, st["steps"], replay,
+                                                                  hessian_closure, fraction)
             with torch.no_grad():  # p.grad: the gradient of the loss step() returns
                 for p, g in zip(params, view.split(grad)):
                     if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
                         p.grad = g.clone()
                     else:
                         p.grad.copy_(g)
+            noisy = grad  # the batch gradient before weight decay (g_S - g_B does not see it)
             if not (isinstance(decay, float) and decay == 0.0):
                 loss_value += penalty()
                 grad = grad + decay * view.get()
@@ -670,7 +769,7 @@ class TrustRegion(torch.optim.Optimizer):
                 st.update(steps=st["steps"] + 1, norm_state=norm_state, last=dict(
                     radius=st["radius"], rho=math.nan, accepted=False, loss=loss_value, trial_loss=math.nan,
                     model_decrease=0.0, iterations=0, on_boundary=False, negative_curvature=False,
-                    grad_norm=float(torch.linalg.vector_norm(grad)), status="lr is 0"))
+                    grad_norm=float(torch.linalg.vector_norm(grad)), hessian_fraction=fraction, status="lr is 0"))
                 return loss.detach()
             active = None  # the coordinates that move, when some groups are frozen (lr = 0)
             if any(n and g["lr"] == 0 for n, g in zip(sizes, self.param_groups)):
@@ -679,6 +778,11 @@ class TrustRegion(torch.optim.Optimizer):
                                     for a, n, g in zip(starts, sizes, self.param_groups) if n and g["lr"] > 0])
             norm_state, ellipsoid, model_grad, model_op, radius, cauchy, grad_norm = self._region(
                 group, st, grad, op, active, lr)
+            noise = self._noise(sub_grad, noisy, model_grad, ellipsoid, active, fraction)
+            reference = loss_value
+            if test_closure is not None:  # the ratio test's loss at w_t, on the independent batch
+                reference = self._test_loss(test_closure, replay) + penalty()
+                counts["forward"] += 1
             generator = torch.Generator()
             generator.set_state(st["generator"])
             rtol = min(group["krylov_tol"], math.sqrt(grad_norm)) if grad_norm > 0 else group["krylov_tol"]
@@ -699,10 +803,13 @@ class TrustRegion(torch.optim.Optimizer):
                     torch._foreach_copy_(self._backup, [p.detach() for p in moving_params])
                 moving_view.add_(step)
                 moved.append(True)
-                with torch.no_grad(), _frozen_running_stats(self.module):
-                    value = replay.again(closure)
+                if test_closure is not None:
+                    value = self._test_loss(test_closure, replay)
+                else:
+                    with torch.no_grad(), _frozen_running_stats(self.module):
+                        value = float(self._mean(replay.again(closure).detach()))
                 counts["forward"] += 1
-                return float(self._mean(value.detach())) + penalty()
+                return value + penalty()
 
             def undo():  # bit for bit (w + s - s need not equal w)
                 with torch.no_grad():
@@ -711,7 +818,7 @@ class TrustRegion(torch.optim.Optimizer):
 
             rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
             try:
-                t = iterate(solver.solve, trial, undo, loss_value, radius, rule, ellipsoid=ellipsoid, rtol=rtol,
+                t = iterate(solver.solve, trial, undo, reference, radius, rule, ellipsoid=ellipsoid, rtol=rtol,
                             eps=torch.finfo(loss.dtype).eps)
             except BaseException:
                 if moved:
@@ -723,5 +830,8 @@ class TrustRegion(torch.optim.Optimizer):
                   last=dict(radius=radius, rho=t.rho, accepted=t.accepted, loss=loss_value,
                             trial_loss=t.trial_loss, model_decrease=float(result.model_decrease),
                             iterations=result.iterations, on_boundary=result.on_boundary,
-                            negative_curvature=result.negative_curvature, grad_norm=grad_norm, status=result.status))
+                            negative_curvature=result.negative_curvature, grad_norm=grad_norm,
+                            hessian_fraction=fraction, status=result.status, **noise))
+        if test_closure is not None:
+            st["last"]["test_loss"] = reference
         return loss.detach()

@@ -87,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.cache/trlib/data)")
     p.add_argument("--quick", action="store_true",
                    help="tiny runs for a CPU: stand-in data, 1 thread, evaluation every 1/4 epoch, warm-ups of "
-                        "at most 1 epoch, and the TR methods' automatic first radius (--preset paper or "
-                        "--set radius=... keeps the authors')")
+                        "at most 1 epoch")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="a named set of settings applied before --set (paper: the authors' table)")
+                   help="a named set of settings applied before --set (paper: the authors' table exactly; "
+                        "without it, the TR methods take the library's measured defaults)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override settings of every run, e.g. --set lr=3e-3 eval_every=0.5 "
                         "(see the config command for the keys)")

@@ -15,7 +15,15 @@ What one run measures, and how:
   is no work: it changes none of the counters and no random state.
 * the TR batch grows as in the paper when the full training loss, checked every
   ``check_every`` epochs, did not decrease (that check is part of the algorithm: it is timed,
-  but as a forward-only pass it adds no backprops).
+  but as a forward-only pass it adds no backprops); with ``batch_rule="noise"`` it grows
+  instead to ``noise_batch_scale`` times the gradient noise scale (below).
+* the TR options of :mod:`~trlib.experiments.configs`: ``hessian_batch`` passes the head of the
+  shuffled batch (a uniformly random part of it) as ``step``'s ``hessian_closure`` with its
+  exact fraction, so backprops and data passes count each product at that fraction;
+  ``acceptance="independent"`` passes a batch of the same size drawn from the training set by
+  the run's own generator (saved in checkpoints) as ``test_closure``. A step whose loss, gradient
+  or curvature is NaN/inf ends the run as ``"diverged"`` (the weights stay at the last finite
+  point).
 * a **checkpoint** (model, optimizer, RNG states, position in the epoch's data order, log,
   budget spent) is written after every epoch, when Ctrl-C arrives (it is honoured at the end
   of the current step, so the checkpoint is always consistent; a second Ctrl-C stops at
@@ -77,7 +85,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..data import DatasetUnavailableError, dataset_info, load_dataset, load_stand_in, stand_in
 from ..models import build_model, get_task
-from ..optim import NonFiniteLossError, TrustRegion
+from ..optim import NonFiniteCurvatureError, NonFiniteLossError, TrustRegion
 from .configs import FIRST_ORDER, get_config
 from .distributed import load_data_on_rank0_first
 from .results import RunFileError, read_run, write_run
@@ -90,7 +98,7 @@ __all__ = ["Budget", "BudgetWarning", "parse_budget", "run", "load_data", "run_i
 _UNITS = {"backprops": "backprops", "backprop": "backprops", "bp": "backprops",
           "epochs": "epochs", "epoch": "epochs", "ep": "epochs",
           "s": "seconds", "sec": "seconds", "secs": "seconds", "seconds": "seconds", "second": "seconds"}
-_CHECKPOINT_VERSION = 3
+_CHECKPOINT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -301,7 +309,8 @@ class TrainerState:
     ``samples``: samples drawn (epochs = samples / n); ``pass_samples``: samples sent through
     gradient and Hessian-vector passes (data passes = pass_samples / n); ``position``: where the
     next batch starts in ``order``; ``check_loss``: the full training loss at the last batch-size
-    check (TR); ``next_eval``: the sample count of the next evaluation."""
+    check (TR); ``next_eval``: the sample count of the next evaluation; ``noise``: the running
+    averages of ``batch_rule="noise"`` (trace, signal, weight)."""
 
     phase: str
     batch_size: int
@@ -317,6 +326,7 @@ class TrainerState:
     next_eval: int = 0
     status: str = "running"
     log: List[Dict[str, Any]] = field(default_factory=list)
+    noise: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -334,6 +344,7 @@ class Trainer:
         self.model.train()
         self.objective = Objective(get_task(cfg["task"]).loss, self.model, cfg["l2"])
         self.gen = torch.Generator().manual_seed(seed)  # data order, on the CPU on every device
+        self.test_gen = torch.Generator().manual_seed(2**31 + seed)  # the independent test batches
         self.n = len(train)
         self.tr = cfg["kind"] == "tr"
         warm = self.tr and cfg["warmup_epochs"] > 0
@@ -389,7 +400,8 @@ class Trainer:
         s = self.state
         self._sync()
         t0 = time.perf_counter()
-        if self.tr and s.phase == "main" and s.check_loss is None:  # the batch schedule's baseline
+        paper_rule = self.tr and self.cfg["batch_rule"] == "paper"
+        if paper_rule and s.phase == "main" and s.check_loss is None:  # the batch schedule's baseline
             s.check_loss = self.full_training_loss()
         if s.order is None:
             s.order, s.position = torch.randperm(self.n, generator=self.gen), 0
@@ -401,9 +413,11 @@ class Trainer:
         if isinstance(self.opt, TrustRegion):
             before, counts = self.opt.backprops, self.opt.counts
             try:
-                self.opt.step(closure)
-            except NonFiniteLossError:
+                self.opt.step(closure, **self._tr_extras(idx))
+            except (NonFiniteLossError, NonFiniteCurvatureError):
                 s.status = "diverged"
+            if s.status != "diverged" and self.cfg["batch_rule"] == "noise":
+                self._grow_to_noise(len(idx))
             after = self.opt.counts
             s.backprops += self.opt.backprops - before
             # counts["hvp"] is in full-batch products: a product on part of the batch counts a part
@@ -424,6 +438,40 @@ class Trainer:
         self._sync()
         s.seconds += time.perf_counter() - t0
 
+    def _tr_extras(self, idx: torch.Tensor) -> Dict[str, Any]:
+        """``step``'s Hessian sub-batch and independent test batch for the global batch ``idx``."""
+        cfg, extras = self.cfg, {}
+        h = cfg["hessian_batch"]
+        size = min(h, len(idx)) if isinstance(h, int) else max(1, round(h * len(idx)))
+        if size < len(idx):  # the head of a shuffled batch: a uniformly random part of it
+            extras.update(hessian_closure=self.closure(idx[:size]), hessian_fraction=size / len(idx))
+        if cfg["acceptance"] == "independent":
+            test = torch.randint(0, self.n, (len(idx),), generator=self.test_gen).to(self.device)
+            extras["test_closure"] = self.closure(test)
+        return extras
+
+    def _grow_to_noise(self, b: int) -> None:
+        r"""``batch_rule="noise"``: the batch grows (never shrinks) to ``noise_batch_scale`` x the
+        gradient noise scale :math:`\mathcal B = \operatorname{tr}\Sigma / \|\nabla\mathcal L\|^2`
+        (McCandlish, Kaplan, Amodei et al. 2018; the norm test of Byrd, Chin, Nocedal & Wu 2012 asks
+        for a batch of about that size), both in the region's metric, from the step's free noise
+        estimate: ``b * noise_var`` estimates tr Sigma, ``grad_sq - noise_var`` the squared full
+        gradient. Averaged over steps (decay 0.95) before use; capped at ``batch_cap`` of n."""
+        s, last = self.state, self.opt.last
+        var, sq = last.get("noise_var", math.nan), last.get("grad_sq", math.nan)
+        if not (math.isfinite(var) and math.isfinite(sq)):
+            return
+        decay = 0.95
+        trace, signal_, weight = s.noise
+        s.noise = [decay * trace + (1 - decay) * b * var, decay * signal_ + (1 - decay) * (sq - var),
+                   decay * weight + (1 - decay)]
+        if s.noise[2] < 0.5 or s.noise[1] <= 0:  # too few steps averaged yet, or no signal left to measure
+            return
+        target = self.cfg["noise_batch_scale"] * s.noise[0] / s.noise[1]
+        if target > s.batch_size:
+            cap = max(s.batch_size, int(self.cfg["batch_cap"] * self.n))
+            s.batch_size = int(min(math.ceil(target), cap, self.n))
+
     def _average_gradients(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
@@ -439,7 +487,8 @@ class Trainer:
             if s.epochs_done >= cfg["warmup_epochs"]:
                 s.phase, s.batch_size = "main", min(cfg["batch_size"], self.n)
                 self.opt = self._optimizer()
-        elif self.tr and (s.epochs_done - cfg["warmup_epochs"]) % cfg["check_every"] == 0:
+        elif (self.tr and cfg["batch_rule"] == "paper"
+              and (s.epochs_done - cfg["warmup_epochs"]) % cfg["check_every"] == 0):
             loss = self.full_training_loss()
             if not loss < s.check_loss:
                 cap = max(s.batch_size, int(cfg["batch_cap"] * self.n))
@@ -471,7 +520,8 @@ class Trainer:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and self.device.type == "cuda" else []
         return dict(version=_CHECKPOINT_VERSION, config=self.cfg, seed=self.seed, state=self.state.to_dict(),
                     model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-                    rng=dict(torch=torch.get_rng_state(), cuda=cuda, batches=self.gen.get_state()))
+                    rng=dict(torch=torch.get_rng_state(), cuda=cuda, batches=self.gen.get_state(),
+                             test_batches=self.test_gen.get_state()))
 
     def load_state_dict(self, ck: Dict[str, Any]) -> None:
         self.state = TrainerState(**ck["state"])
@@ -483,6 +533,7 @@ class Trainer:
         if ck["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         self.gen.set_state(ck["rng"]["batches"])
+        self.test_gen.set_state(ck["rng"]["test_batches"])
 
 
 @contextlib.contextmanager
@@ -560,8 +611,7 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
         device: a torch device, or ``"auto"`` (CUDA when present, else the CPU).
         quick: tiny-budget mode for the book and the CLI demo: the offline stand-in (unless
             ``data="real"``), 1 CPU thread, and quick mode's settings (evaluation every 1/4
-            epoch, warm-ups of at most 1 epoch, the TR methods' automatic first radius; see
-            :func:`get_config`).
+            epoch, warm-ups of at most 1 epoch; see :func:`get_config`).
         preset: a name of :data:`trlib.experiments.configs.PRESETS` (e.g. ``"paper"``).
         overrides: settings replacing those of :func:`get_config` (e.g. ``{"lr": 3e-3}``).
         fresh: delete an existing checkpoint and results of this run first.

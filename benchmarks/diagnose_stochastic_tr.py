@@ -22,20 +22,21 @@ measures what the optimizer cannot see (forward passes only; they change nothing
 It prints one summary row per epoch and, with ``--jsonl PATH``, writes every step.
 It uses only the public API (``trlib.TrustRegion``, ``trlib.experiments``, ``trlib.models``).
 
-Usage (real Fashion-MNIST, the authors' TR-RMS settings, 3 epochs; ~1-2 min on one core)::
+Usage (real Fashion-MNIST, TR-RMS with the library's defaults, 3 epochs; ~1-2 min on one core)::
 
     python benchmarks/diagnose_stochastic_tr.py --task fashion_mnist_mlp --method tr_rms --epochs 3
-    python benchmarks/diagnose_stochastic_tr.py --set radius=None beta=0.99 --epochs 3
+    python benchmarks/diagnose_stochastic_tr.py --preset paper --epochs 3     # the authors' settings
+    python benchmarks/diagnose_stochastic_tr.py --set hessian_batch=1.0 beta=0.99 --accept independent
     python benchmarks/diagnose_stochastic_tr.py --opt max_krylov=10 --jsonl steps.jsonl
 
-``--set`` overrides settings of the runner's configuration (``python -m trlib.experiments
-config``); ``--opt`` passes extra keyword arguments to ``TrustRegion`` itself.
+``--preset`` and ``--set`` choose the runner's configuration (``python -m trlib.experiments
+config``), whose ``hessian_batch`` and ``acceptance`` the steps use unless ``--hessian-batch``
+or ``--accept`` say otherwise; ``--opt`` passes extra keyword arguments to ``TrustRegion``.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import statistics
@@ -96,14 +97,16 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--data", default="real", choices=("auto", "real", "stand-in"))
     p.add_argument("--data-root", default=None)
+    p.add_argument("--preset", default=None, choices=sorted(trlib.experiments.PRESETS),
+                   help="a preset of the runner's configuration (paper: the authors' settings)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="runner configuration overrides")
     p.add_argument("--opt", nargs="*", default=[], metavar="KEY=VALUE", help="extra TrustRegion keywords")
-    p.add_argument("--accept", default="batch", choices=("batch", "independent"),
+    p.add_argument("--accept", default=None, choices=("own", "independent"),
                    help="ratio test on the step's batch (the paper) or on an independent batch of the same "
-                        "size (needs a TrustRegion.step with test_closure)")
-    p.add_argument("--hessian-batch", type=float, default=1.0,
-                   help="Hessian-vector products on this fraction of the batch (needs a TrustRegion.step with "
-                        "hessian_closure and the hessian_fraction keyword)")
+                        "size (default: the configuration's acceptance)")
+    p.add_argument("--hessian-batch", type=float, default=None,
+                   help="Hessian-vector products on this fraction of the batch (default: the configuration's "
+                        "hessian_batch)")
     p.add_argument("--probe", type=int, default=10000, help="probe subset of the training set (forward only)")
     p.add_argument("--groups", type=int, default=16, help="micro-batches for the gradient-noise estimate")
     p.add_argument("--noise-every", type=int, default=5, help="estimate the noise every this many steps (0: never)")
@@ -115,7 +118,11 @@ def main(argv=None) -> None:
     overrides = parse_overrides(args.set)
     extra = parse_overrides(args.opt)
     tr_keys = {k: v for k, v in overrides.items() if k in ("beta", "eps")}  # TrustRegion-only keys
-    cfg = get_config(args.task, args.method, **{k: v for k, v in overrides.items() if k not in tr_keys})
+    cfg = get_config(args.task, args.method, preset=args.preset,
+                     **{k: v for k, v in overrides.items() if k not in tr_keys})
+    args.accept = args.accept or cfg["acceptance"]
+    if args.hessian_batch is None:
+        args.hessian_batch = cfg["hessian_batch"]
     if cfg.get("warmup_epochs", 0):
         raise SystemExit("this script diagnoses the TR phase only: pass --set warmup_epochs=0 "
                          "(or extend it with the warm-up)")
@@ -129,17 +136,11 @@ def main(argv=None) -> None:
     kwargs = {kw: cfg[key] for key, kw in _CONFIG_KWARGS.items() if key in cfg}
     kwargs.update(tr_keys)
     kwargs.update(extra)
-    if args.hessian_batch < 1.0:
-        kwargs["hessian_fraction"] = args.hessian_batch
     opt = trlib.TrustRegion(params, module=model, seed=args.seed, **kwargs)
-    step_signature = inspect.signature(opt.step).parameters
-    if args.accept == "independent" and "test_closure" not in step_signature:
-        raise SystemExit("--accept independent: this TrustRegion.step takes no test_closure")
-    if args.hessian_batch < 1.0 and "hessian_closure" not in step_signature:
-        raise SystemExit("--hessian-batch: this TrustRegion.step takes no hessian_closure")
 
     env = _common.environment(torch.device("cpu"))
-    settings = dict(task=args.task, tr=args.method, seed=args.seed, epochs=args.epochs,
+    settings = dict(task=args.task, tr=args.method, seed=args.seed, epochs=args.epochs, preset=args.preset,
+                    hessian_batch=args.hessian_batch, accept=args.accept,
                     dataset=train.display_name, **{k: kwargs[k] for k in sorted(kwargs)},
                     batch=cfg["batch_size"], growth=cfg["batch_growth"], cap=cfg["batch_cap"])
     _common.print_environment("Stochastic TR diagnostics", env, settings)
@@ -172,10 +173,11 @@ def main(argv=None) -> None:
             ind = torch.randint(0, n, (len(idx),), generator=side)
             xi, ti = train.x[ind], objective.target(train.x[ind], train.y[ind])
             step_kwargs = {}
-            if args.hessian_batch < 1.0:  # the batch is in random order: its head is a random sub-batch
-                m = max(1, round(args.hessian_batch * len(idx)))
+            h = args.hessian_batch  # a fraction, or (an int from the configuration) a number of samples
+            m = min(int(h), len(idx)) if h > 1 else max(1, round(h * len(idx)))
+            if m < len(idx):  # the batch is in random order: its head is a random sub-batch
                 xh, th = xb[:m], tb[:m]
-                step_kwargs["hessian_closure"] = lambda: objective(model(xh), th)
+                step_kwargs.update(hessian_closure=lambda: objective(model(xh), th), hessian_fraction=m / len(idx))
             if args.accept == "independent":  # its own batch: rho_ind stays an unselected measurement
                 acc = torch.randint(0, n, (len(idx),), generator=side)
                 xa, ta = train.x[acc], objective.target(train.x[acc], train.y[acc])

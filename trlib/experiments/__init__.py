@@ -13,18 +13,22 @@ Command line (``python -m trlib.experiments --help``)::
     python -m trlib.experiments table --in results/ --threshold 0.9
     python -m trlib.experiments plot --in results/ --x data_passes --out fig.png
 
+Tuning a baseline: ``sweep("fashion_mnist_mlp", ["adam", "sgd"], "5epochs", seeds=(0, 1), extend=2)``
+returns the best learning rate per method and the table of all (:mod:`~trlib.experiments.sweep`).
+
 Modules: :mod:`~trlib.experiments.configs` (settings and presets), :mod:`~trlib.experiments.runner`
 (one run: budget, trainer, checkpoints), :mod:`~trlib.experiments.distributed` (the data-parallel
 communicator), :mod:`~trlib.experiments.results` (files, summary table),
-:mod:`~trlib.experiments.storage` (atomic writes).
+:mod:`~trlib.experiments.sweep` (learning-rate sweeps), :mod:`~trlib.experiments.storage` (atomic writes).
 """
 
 from .configs import ADAM_GRID, FIRST_ORDER, METHODS, PRESETS, TR_METHODS, get_config, parse_overrides
 from .results import Run, format_table, load_results, load_runs, mean_ci, read_run, summarize, write_run
 from .runner import (Budget, Objective, SingleProcess, Trainer, TrainerState, evaluate, load_data, parse_budget,
                      run)
+from .sweep import Sweep, final_loss, pick_rates, sweep
 
 __all__ = ["run", "load_results", "load_runs", "read_run", "summarize", "format_table", "mean_ci", "get_config",
            "parse_overrides", "parse_budget", "Budget", "Objective", "load_data", "evaluate", "write_run", "Run",
            "Trainer", "TrainerState", "SingleProcess", "METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID",
-           "PRESETS"]
+           "PRESETS", "sweep", "pick_rates", "final_loss", "Sweep"]

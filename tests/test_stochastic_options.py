@@ -161,3 +161,12 @@ def test_non_finite_sub_batch_curvature_leaves_the_weights_and_state_alone():
                  hessian_fraction=0.125)
     assert torch.equal(w.detach(), w1) and opt.state_dict()["state"][0]["steps"] == state["state"][0]["steps"] == 1
     assert torch.equal(opt.state_dict()["state"][0]["norm_state"]["square_avg"], state["state"][0]["norm_state"]["square_avg"])
+
+
+def test_counts_stay_integers_without_a_sub_batch():
+    x, y = least_squares()
+    w = torch.zeros(5, requires_grad=True)
+    opt = trlib.TrustRegion([w], radius=0.1)
+    for _ in range(3):
+        opt.step(lambda: loss_on(w, x, y))
+    assert all(type(v) is int for v in opt.counts.values()) and type(opt.backprops) is int

@@ -707,7 +707,7 @@ class TrustRegion(torch.optim.Optimizer):
             if extra is not None and not callable(extra):
                 raise ValueError(f"Invalid {name}: expected a function of no arguments returning a loss, got "
                                  f"{type(extra).__name__}")
-        fraction = 1.0
+        fraction: Union[int, float] = 1  # an int without a sub-batch: whole-batch counts stay ints
         if hessian_closure is not None:
             if hessian_fraction is None:
                 raise ValueError("Invalid hessian_fraction: a hessian_closure needs hessian_fraction = the size of its "

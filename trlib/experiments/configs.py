@@ -41,7 +41,7 @@ Sources and choices (see the project notes, REFERENCE.md section 2):
   restores the authors' settings exactly.
 * Options of the TR methods (all off in the authors' table): ``hessian_batch`` (a fraction in
   (0, 1] of the batch, or an int: a number of samples; the products run on the head of the
-  shuffled batch, see :meth:`trlib.TrustRegion.step`), ``acceptance`` (``"own"``: the ratio
+  shuffled batch, see ``trlib.TrustRegion.step``), ``acceptance`` (``"own"``: the ratio
   test on the step's batch, the paper's; ``"independent"``: on an independent batch of the same
   size), ``batch_rule`` (``"paper"``: grow the batch by ``batch_growth`` when the full training
   loss rose; ``"noise"``: grow it to ``noise_batch_scale`` times the gradient noise scale

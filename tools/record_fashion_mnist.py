@@ -5,7 +5,7 @@
     python tools/record_fashion_mnist.py --stage runs --jobs 2
     python tools/record_fashion_mnist.py --list              # the runs, without training
 
-Two stages, each resumable (the runner resumes unfinished runs from their checkpoints and
+Three stages, each resumable (the runner resumes unfinished runs from their checkpoints and
 returns finished ones as they are, so a rerun only does what is missing):
 
 1. **sweep**: the learning rate of SGD, Adagrad, RMSProp and Adam on each task, by
@@ -15,7 +15,11 @@ returns finished ones as they are, so a rerun only does what is missing):
    runs use the configured rates, so the stage stops when
    :data:`trlib.experiments.configs.TUNED_LR` disagrees with the sweep, printing the entry to put
    there (a test checks that they agree).
-2. **runs**: :data:`RUNS`, written to ``book/results/<task>/<folder>/`` as the runner writes them
+2. **pilot**: every method on ``fashion_mnist_mlp``, seed 0, for :data:`PILOT_EPOCHS` epochs
+   (``book/results/fashion_mnist_mlp/budget_pilot/``), to see where the curves flatten.
+   :func:`plateau_epoch` reads the budget of the MLP's recorded runs off the best method's curve
+   (none reaches 99% training accuracy); the stage stops when :data:`MLP_BUDGET` disagrees.
+3. **runs**: :data:`RUNS`, written to ``book/results/<task>/<folder>/`` as the runner writes them
    (JSON lines with provenance; ``checkpoints/`` is not committed).
 
 ``--jobs N`` trains N runs at a time, each in its own process with one torch thread. Everything
@@ -56,14 +60,46 @@ SWEEPS = {
                                       eval_every=2.0),
 }
 
+#: The pilot's length, and the budget of the MLP's recorded runs read off it: the best method's
+#: plateau epoch (:func:`plateau_epoch`) plus the 10 epochs that show the flattening, rounded up
+#: to a multiple of 10 (or the epoch it reaches 99% training accuracy, rounded up).
+PILOT_EPOCHS = 80
+MLP_BUDGET = 30
+PILOT = ("fashion_mnist_mlp", "budget_pilot", TR + BASELINES, (0,), f"{PILOT_EPOCHS}epochs", None, 1.0)
+
 #: The recorded runs: (task, folder, methods, seeds, budget, preset, eval_every). The MLP's
-#: budget is where the curves of the best methods flatten (book/results/README.md says how it
-#: was chosen); the autoencoder's is what 3 seeds of 7 methods allow in about 1.5 h of CPU.
+#: budget comes from the pilot; the autoencoder's (1 epoch of Adagrad warm-up for the TR methods,
+#: then 3) is what 3 seeds of 7 methods allow in about 1.5 h of one CPU core.
 RUNS = (
-    ("fashion_mnist_mlp", "default", TR + BASELINES, tuple(range(10)), "40epochs", None, 0.5),
-    ("fashion_mnist_mlp", "paper", TR, (0, 1, 2), "40epochs", "paper", 0.5),
-    ("fashion_mnist_autoencoder", "default", TR + BASELINES, (0, 1, 2), "5epochs", None, 0.5),
+    ("fashion_mnist_mlp", "default", TR + BASELINES, tuple(range(10)), f"{MLP_BUDGET}epochs", None, 0.5),
+    ("fashion_mnist_mlp", "paper", TR, (0, 1, 2), f"{MLP_BUDGET}epochs", "paper", 0.5),
+    ("fashion_mnist_autoencoder", "default", TR + BASELINES, (0, 1, 2), "4epochs", None, 1.0),
 )
+
+
+def plateau_epoch(log, window: int = 5, horizon: int = 10, tolerance: float = 0.05) -> float:
+    """The first epoch E (at least ``window``) after which the full training loss, averaged over
+    the ``window`` evaluations up to E, falls by less than ``tolerance`` (relative) over the next
+    ``horizon`` epochs: where the curve flattens. inf if it never does within the log. Needs one
+    evaluation per epoch.
+
+    >>> log = [dict(epoch=e, train_loss=1 / (1 + e)) for e in range(60)]
+    >>> plateau_epoch(log)   # 1/(1+E) falls by 5% over 10 epochs once E > ~190: not within 60
+    inf
+    >>> plateau_epoch([dict(epoch=e, train_loss=0.3 + 2.0 * 0.7 ** e) for e in range(60)])
+    16
+    """
+    loss = {round(r["epoch"]): r["train_loss"] for r in log if float(r["epoch"]).is_integer()}
+
+    def smooth(e):
+        values = [loss.get(k) for k in range(e - window + 1, e + 1)]
+        return None if None in values else sum(values) / window
+
+    for e in sorted(loss):
+        now, later = smooth(e), smooth(e + horizon)
+        if e >= window and now is not None and later is not None and now - later < tolerance * now:
+            return e
+    return float("inf")
 
 
 def _now() -> str:
@@ -132,7 +168,7 @@ def stage_sweep(jobs: int) -> bool:
     import torch
     import trlib
 
-    tasks = [(_sweep_one, (task, method)) for task in SWEEPS for method in BASELINES]
+    tasks = [(_sweep_one, (task, method)) for task in reversed(SWEEPS) for method in BASELINES]  # longest first
     results, failed = _pool(jobs, tasks, lambda args, logs: f"sweep {args[0]} {args[1]}: rates "
                                                             f"{', '.join(f'{lr:g}' for _, lr in sorted(logs))}")
     if failed:
@@ -165,10 +201,44 @@ def stage_sweep(jobs: int) -> bool:
     return ok
 
 
-def _runs():
+def _runs(groups=RUNS):
     return [(task, folder, method, seed, budget, preset, eval_every)
-            for task, folder, methods, seeds, budget, preset, eval_every in RUNS for method in methods
+            for task, folder, methods, seeds, budget, preset, eval_every in groups for method in methods
             for seed in seeds]
+
+
+def _describe(args, last):
+    task, folder, method, seed = args[:4]
+    acc = "" if last.get("train_acc") is None else f", train acc {last['train_acc']:.4f}"
+    return (f"{task}/{folder} {method} seed {seed}: {last['epoch']:.2f} epochs, {last['backprops']:.0f} "
+            f"backprops, {last['data_passes']:.1f} passes, {last['time']:.0f} s, train loss "
+            f"{last['train_loss']:.4f}{acc}")
+
+
+def pilot_budget():
+    """(the best method of the pilot, its plateau epoch, the budget it gives), from the stored pilot."""
+    from trlib.experiments import load_runs
+
+    task, folder = PILOT[:2]
+    logs = {r.provenance["method"]: r.records for r in load_runs(RESULTS / task / folder)}
+    best = min(logs, key=lambda m: logs[m][-1]["train_loss"])
+    reached = next((r["epoch"] for r in logs[best] if r["train_acc"] >= 0.99), None)
+    epoch = reached if reached is not None else plateau_epoch(logs[best])
+    if epoch == float("inf"):
+        return best, epoch, None
+    return best, epoch, int(10 * -(-(epoch + (0 if reached is not None else 10)) // 10))
+
+
+def stage_pilot(jobs: int) -> bool:
+    _, failed = _pool(jobs, [(_run_one, r) for r in _runs([PILOT])], _describe)
+    if failed:
+        return False
+    best, epoch, budget = pilot_budget()
+    print(f"pilot: the best method at {PILOT_EPOCHS} epochs is {best}; its curve flattens at epoch {epoch} (or "
+          f"reaches 99%): budget {budget} epochs (MLP_BUDGET = {MLP_BUDGET})")
+    if budget != MLP_BUDGET:
+        print(f"  set MLP_BUDGET = {budget} in {Path(__file__).relative_to(ROOT)} (the runs use it)")
+    return budget == MLP_BUDGET
 
 
 def stage_runs(jobs: int) -> bool:
@@ -176,22 +246,14 @@ def stage_runs(jobs: int) -> bool:
     cost = {("fashion_mnist_autoencoder", True): 0, ("fashion_mnist_mlp", True): 1,
             ("fashion_mnist_autoencoder", False): 2, ("fashion_mnist_mlp", False): 3}
     runs = sorted(_runs(), key=lambda r: (cost[r[0], r[2] in TR], r[1], r[3], r[2]))
-
-    def describe(args, last):
-        task, folder, method, seed = args[:4]
-        acc = "" if last.get("train_acc") is None else f", train acc {last['train_acc']:.4f}"
-        return (f"{task}/{folder} {method} seed {seed}: {last['epoch']:.2f} epochs, {last['backprops']:.0f} "
-                f"backprops, {last['data_passes']:.1f} passes, {last['time']:.0f} s, train loss "
-                f"{last['train_loss']:.4f}{acc}")
-
-    _, failed = _pool(jobs, [(_run_one, r) for r in runs], describe)
+    _, failed = _pool(jobs, [(_run_one, r) for r in runs], _describe)
     return not failed
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--stage", choices=("all", "sweep", "runs"), default="all")
+    p.add_argument("--stage", choices=("all", "sweep", "pilot", "runs"), default="all")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one process and one thread each)")
     p.add_argument("--list", action="store_true", help="list the runs of the runs stage and stop")
     args = p.parse_args(argv)
@@ -203,6 +265,8 @@ def main(argv=None) -> int:
         return 0
     print(f"started {_now()} at commit {_commit()[:10]}: stage {args.stage}, {args.jobs} job(s)", flush=True)
     if args.stage in ("all", "sweep") and not stage_sweep(args.jobs):
+        return 1
+    if args.stage in ("all", "pilot") and not stage_pilot(args.jobs):
         return 1
     if args.stage in ("all", "runs") and not stage_runs(args.jobs):
         return 1

@@ -52,11 +52,12 @@ TR = ("tr_uniform", "tr_adagrad", "tr_rms")
 #: The sweeps: a grid of the authors' rate (Adam: the configured one) times ``factors``, extended
 #: by up to ``extend`` rates beyond an end while the best sits there; every rate runs every seed
 #: for ``budget``, scored by the mean final training loss (the budget's end is the only
-#: evaluation that matters, so ``eval_every`` is the budget).
+#: evaluation that matters, so ``eval_every`` is the budget). The autoencoder sweeps one seed: an
+#: epoch of it costs ~25x an MLP epoch on one CPU core.
 SWEEPS = {
     "fashion_mnist_mlp": dict(budget="10epochs", seeds=(0, 1), factors=(0.1, 0.3, 1.0, 3.0, 10.0), extend=3,
                               eval_every=10.0),
-    "fashion_mnist_autoencoder": dict(budget="2epochs", seeds=(0, 1), factors=(0.1, 1.0, 10.0), extend=2,
+    "fashion_mnist_autoencoder": dict(budget="2epochs", seeds=(0,), factors=(0.1, 1.0, 10.0), extend=2,
                                       eval_every=2.0),
 }
 

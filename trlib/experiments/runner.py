@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..data import DatasetUnavailableError, dataset_info, load_dataset, load_stand_in, stand_in
+from ..data import DatasetUnavailableError, dataset_info, load_dataset, load_stand_in, stand_in, subset as subset_of
 from ..models import build_model, get_task
 from ..optim import NonFiniteCurvatureError, NonFiniteLossError, TrustRegion
 from .configs import FIRST_ORDER, get_config
@@ -143,29 +143,42 @@ def parse_budget(budget: Union[str, Budget]) -> Budget:
 
 # --- data ------------------------------------------------------------------------------
 
-def load_data(task: str, data: str = "auto", *, device="cpu", root=None, verbose: bool = True):
+def load_data(task: str, data: str = "auto", *, device="cpu", root=None, verbose: bool = True,
+              subset: Optional[int] = None, test_subset: Optional[int] = None, seed: int = 0):
     """The (train, test) datasets of ``task``: ``data`` is ``"real"`` (DatasetUnavailableError
     when missing), ``"stand-in"`` (the offline stand-in, e.g. sklearn digits for MNIST) or
     ``"auto"`` (real if it can be loaded or downloaded, else the stand-in, announced on stderr).
     A stand-in is marked: ``is_stand_in=True`` and a display name such as
     ``"sklearn digits (offline stand-in for MNIST)"``.
+
+    ``subset`` and ``test_subset`` keep at most that many training and test samples, a
+    class-stratified random choice fixed by ``seed`` (:func:`trlib.data.subset`, which marks the
+    display name: ``"Fashion-MNIST (6,000 of 60,000 training images, seed 0)"``); None keeps the
+    whole split. Pass the result to :func:`run` as ``datasets``: its records and provenance then
+    name the subset, and its files do not mix with those of the whole dataset.
     """
     name = get_task(task).dataset
     if data not in ("auto", "real", "stand-in"):
         raise ValueError(f"invalid data {data!r}; expected 'auto', 'real' or 'stand-in'")
+    for what, size in (("subset", subset), ("test_subset", test_subset)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"invalid {what} {size!r}: expected an int >= 1 or None")
     why = "--data stand-in was asked for"
+    splits = None
     if data != "stand-in":
         try:
-            return tuple(load_dataset(name, root=root, train=t, device=device) for t in (True, False))
+            splits = tuple(load_dataset(name, root=root, train=t, device=device) for t in (True, False))
         except DatasetUnavailableError as err:
             if data == "real" or stand_in(name) == name:
                 raise
             why = str(err).splitlines()[0]
-    splits = tuple(load_stand_in(name, root=root, train=t, device=device) for t in (True, False))
-    if verbose and splits[0].is_stand_in:
-        print(f"NOTE: {splits[0].display_name} is used, not {dataset_info(name).display_name}: {why}.",
-              file=sys.stderr, flush=True)
-    return splits
+    if splits is None:
+        splits = tuple(load_stand_in(name, root=root, train=t, device=device) for t in (True, False))
+        if verbose and splits[0].is_stand_in:
+            print(f"NOTE: {splits[0].display_name} is used, not {dataset_info(name).display_name}: {why}.",
+                  file=sys.stderr, flush=True)
+    return tuple(split if size is None else subset_of(split, size, seed=seed)
+                 for split, size in zip(splits, (subset, test_subset)))
 
 
 # --- loss and evaluation -----------------------------------------------------------------

@@ -6,7 +6,7 @@ function with n = 100 from (-1.2, 1, -1.2, 1, ...), and a few extras (``--set ex
 the chained Rosenbrock function (n = 10, 100), a nonconvex quartic started next to its saddle,
 and f(x) = x0^2 - x1^2 + x1^4 started exactly at its strict saddle 0.
 
-Methods: trlib ``gltr`` and ``cg`` (default settings), scipy ``trust-krylov`` (GLTR, the TRLIB
+Methods: trlib ``gltr``, ``cg`` and ``arc`` (adaptive cubic regularisation; default settings), scipy ``trust-krylov`` (GLTR, the TRLIB
 library), ``trust-exact`` (Moré-Sorensen on the dense Hessian) and ``trust-ncg`` (Steihaug CG).
 scipy gets NumPy wrappers of the same torch functions, with gradients, Hessian-vector
 products and Hessians from torch autograd, so both sides see the same derivatives. Every
@@ -146,11 +146,12 @@ def run_trlib(method: str, problem, args) -> dict:
 METHODS = {
     "trlib gltr": lambda p, a: run_trlib("gltr", p, a),
     "trlib cg": lambda p, a: run_trlib("cg", p, a),
+    "trlib arc": lambda p, a: run_trlib("arc", p, a),
     "scipy trust-krylov": lambda p, a: run_scipy("trust-krylov", p, a),
     "scipy trust-exact": lambda p, a: run_scipy("trust-exact", p, a),
     "scipy trust-ncg": lambda p, a: run_scipy("trust-ncg", p, a),
 }
-SHORT = {"trlib gltr": "gltr", "trlib cg": "cg", "scipy trust-krylov": "t-krylov", "scipy trust-exact": "t-exact",
+SHORT = {"trlib gltr": "gltr", "trlib cg": "cg", "trlib arc": "arc", "scipy trust-krylov": "t-krylov", "scipy trust-exact": "t-exact",
          "scipy trust-ncg": "t-ncg"}
 
 

@@ -581,3 +581,57 @@ def test_load_stand_in_is_marked_without_trying_the_real_dataset(monkeypatch):
     assert ds.is_stand_in and ds.stand_in_for == "cifar10"
     assert ds.display_name == "sklearn digits (offline stand-in for CIFAR-10)"
     assert "CIFAR-10" != ds.display_name
+
+
+# --- subsets ----------------------------------------------------------------------------
+
+def test_subset_keeps_each_class_share_with_rows_of_the_split():
+    full = load_dataset("digits")
+    counts = torch.bincount(full.y, minlength=10)
+    small = data.subset(full, 301, seed=3)
+    assert len(small) == 301 and small.train and not small.is_stand_in
+    got = torch.bincount(small.y, minlength=10)
+    share = 301 * counts.double() / len(full)  # each class within one sample of its exact share
+    assert torch.all((got.double() - share).abs() < 1) and int(got.sum()) == 301
+    rows = {tuple(r.tolist()): int(c) for r, c in zip(full.x.reshape(len(full), -1), full.y)}
+    assert all(rows[tuple(r.tolist())] == int(c) for r, c in zip(small.x.reshape(len(small), -1), small.y))
+    assert small.display_name == "sklearn digits (301 of 1,437 training images, seed 3)"
+    assert small.name == "digits_subset301_seed3"
+
+
+def test_subset_is_fixed_by_its_seed_and_draws_without_replacement():
+    full = load_dataset("digits", train=False)
+    a, b, c = (data.subset(full, 50, seed=s) for s in (0, 0, 1))
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert not torch.equal(a.x, c.x)
+    flat = full.x.reshape(len(full), -1)
+    idx = [int(torch.nonzero((flat == r).all(1)).flatten()[0]) for r in a.x.reshape(len(a), -1)]
+    assert idx == sorted(idx) and len(set(idx)) == 50  # original order, no sample twice
+    assert "50 of 360 test images" in a.display_name
+
+
+def test_subset_of_a_small_split_is_the_split_and_bad_sizes_are_named():
+    full = load_dataset("digits", train=False)
+    assert data.subset(full, len(full)) is full and data.subset(full, 10**6) is full
+    for bad in (0, -5, 2.5, True, "100"):
+        with pytest.raises(ValueError, match="invalid subset size"):
+            data.subset(full, bad)
+    with pytest.raises(ValueError, match="invalid subset seed"):
+        data.subset(full, 10, seed=-1)
+
+
+def test_load_data_subsets_name_the_runs_and_their_files(tmp_path, offline):
+    from trlib.experiments import load_data, run
+
+    fabricate_mnist(tmp_path, "FashionMNIST", n_train=60, n_test=20, compress=True)
+    train, test = load_data("fashion_mnist_mlp", "real", root=tmp_path, subset=30, test_subset=10, seed=2)
+    assert (len(train), len(test)) == (30, 10) and not train.is_stand_in
+    assert train.display_name == "Fashion-MNIST (30 of 60 training images, seed 2)"
+    log = run("fashion_mnist_mlp", "sgd", 0, "2backprops", out=tmp_path / "runs", datasets=(train, test),
+              progress=False, verbose=False)
+    assert log[-1]["dataset"] == train.display_name and log[-1]["stand_in"] is False
+    assert (tmp_path / "runs" / "fashion_mnist_mlp__sgd__fashion_mnist_subset30_seed2__seed0.jsonl").is_file()
+    whole = load_data("fashion_mnist_mlp", "real", root=tmp_path)
+    assert (len(whole[0]), len(whole[1])) == (60, 20)
+    with pytest.raises(ValueError, match="invalid test_subset"):
+        load_data("fashion_mnist_mlp", "real", root=tmp_path, test_subset=0)

@@ -338,3 +338,44 @@ def test_safeguarded_norm_in_trust_region_bounds_mu_and_checkpoints_by_name():
     torch.testing.assert_close(again.ellipsoid, opt.ellipsoid)
     with pytest.raises(ValueError, match="norm"):  # an unguarded Adagrad is another norm
         trlib.TrustRegion(model.parameters(), norm="adagrad").load_state_dict(saved)
+
+
+def test_volume_matched_radius_gives_the_ellipse_and_ellipsoid_volumes_in_closed_form():
+    # an ellipse with semi-axes p, q has area pi p q; an ellipsoid with semi-axes p, q, r volume 4/3 pi p q r
+    radius, a = 0.3, torch.tensor([4.0, 0.09])
+    p, q = (radius / math.sqrt(float(ai)) for ai in a)
+    r2 = norms.volume_matched_radius(radius, a)
+    assert math.isclose(math.pi * r2**2, math.pi * p * q, rel_tol=1e-12)
+    a3 = torch.tensor([2.0, 50.0, 1e-3])
+    semi = [1.7 / math.sqrt(float(ai)) for ai in a3]
+    r3 = norms.volume_matched_radius(1.7, a3)
+    assert math.isclose(4 / 3 * math.pi * r3**3, 4 / 3 * math.pi * semi[0] * semi[1] * semi[2], rel_tol=1e-12)
+    assert min(semi) < r3 < max(semi)
+
+
+def test_volume_matched_radius_matches_a_monte_carlo_area():
+    g = torch.Generator().manual_seed(0)
+    a, radius = torch.tensor([9.0, 0.25]), 1.0
+    box = torch.tensor([radius / 3.0, radius / 0.5])  # the ellipse's semi-axes bound the sampling box
+    pts = (torch.rand(400_000, 2, generator=g, dtype=torch.float64) * 2 - 1) * box
+    inside = ((a * pts * pts).sum(1) <= radius**2).double().mean()
+    area = float(inside) * float(4 * box.prod())
+    assert math.isclose(math.pi * norms.volume_matched_radius(radius, a) ** 2, area, rel_tol=0.01)
+
+
+def test_volume_matched_radius_scales_and_survives_many_dimensions():
+    a = torch.rand(10_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e6 + 1e-8
+    base = norms.volume_matched_radius(1e-3, a)
+    assert math.isfinite(base) and base > 0  # prod(a) overflows float64 here; the logarithms do not
+    assert math.isclose(norms.volume_matched_radius(1e-3, 16 * a), base / 4, rel_tol=1e-12)
+    assert norms.volume_matched_radius(0.2, None) == 0.2
+    assert norms.volume_matched_radius(0.2, torch.full((7,), 1.0)) == pytest.approx(0.2, rel=1e-15)
+
+
+@pytest.mark.parametrize("radius, a, what", [(0.0, None, "radius"), (float("nan"), None, "radius"),
+                                             (1.0, torch.tensor([1.0, 0.0]), "ellipsoid"),
+                                             (1.0, torch.tensor([1.0, float("inf")]), "ellipsoid"),
+                                             (1.0, torch.tensor([]), "ellipsoid")])
+def test_volume_matched_radius_rejects_bad_input(radius, a, what):
+    with pytest.raises(ValueError, match=f"Invalid {what}"):
+        norms.volume_matched_radius(radius, a)

@@ -16,12 +16,13 @@ from .curvature import FlatView, NonFiniteCurvatureError, Operator, dense_hessia
 from .lanczos import smallest_eigenpair
 from .minimize import MinimizeResult, minimize
 from .norms import ellipsoid_norm, equivalence_constant, get_norm
-from .optim import NonFiniteLossError, TrustRegion
-from .region import RadiusRule
+from .optim import ARC, NonFiniteLossError, TrustRegion
+from .region import RadiusRule, SigmaRule
 from .subproblem import SubproblemResult, eigenpoint, model_value, solve_subproblem
 
 __all__ = [
     "TrustRegion",
+    "ARC",
     "minimize",
     "MinimizeResult",
     "NonFiniteLossError",
@@ -31,6 +32,7 @@ __all__ = [
     "model_value",
     "eigenpoint",
     "RadiusRule",
+    "SigmaRule",
     "Operator",
     "FlatView",
     "flat_grad",

@@ -53,8 +53,9 @@ import torch
 from torch import Tensor
 
 from .lanczos import Lanczos
+from .subproblem import SubproblemResult
 
-__all__ = ["CubicResult", "solve_cubic", "cubic_model", "CUBIC_METHODS"]
+__all__ = ["CubicResult", "CubicSolver", "solve_cubic", "cubic_model", "CUBIC_METHODS"]
 
 Operator = Callable[[Tensor], Tensor]
 CUBIC_METHODS = ("lanczos", "exact")
@@ -154,7 +155,7 @@ def _model(eigvals: np.ndarray, coeffs: np.ndarray, x: np.ndarray, sigma: float)
     return float(coeffs @ x + 0.5 * np.sum(eigvals * x * x) + sigma / 3.0 * np.linalg.norm(x) ** 3)
 
 
-def _exact(g: Tensor, op: Operator, dense: Optional[Tensor], scale: Optional[Tensor], sigma: float):
+def _decompose(g: Tensor, op: Operator, dense: Optional[Tensor], scale: Optional[Tensor]):
     # the unscaled H (n products unless given), scaled and decomposed in float64: the reference
     n = g.numel()
     if dense is None:
@@ -167,17 +168,15 @@ def _exact(g: Tensor, op: Operator, dense: Optional[Tensor], scale: Optional[Ten
     d = torch.ones(n, dtype=torch.float64) if scale is None else scale.detach().double().cpu()
     eigvals, eigvecs = torch.linalg.eigh(d[:, None] * H * d[None, :])
     w, V = eigvals.numpy(), eigvecs.numpy()
-    c = V.T @ (d * g.detach().double().cpu()).numpy()
-    x, lam, hard = _secular(w, c, sigma)
-    u = torch.as_tensor(V @ x, dtype=g.dtype).to(g.device)
-    return u, -_model(w, c, x, sigma), products, lam, bool(w[0] < 0), hard, True
+    return w, V, V.T @ (d * g.detach().double().cpu()).numpy(), products
 
 
-def _lanczos(g: Tensor, op: Operator, sigma: float, rtol: float, max_iter: int, generator: torch.Generator):
-    lz = Lanczos(op, g, generator=generator)
+def _lanczos(lz: Lanczos, sigma: float, rtol: float, max_iter: int):
+    """The model on the Krylov space of ``lz``, grown (from where it stands) until it is solved."""
     gamma = lz.start_norm  # g = gamma q_1 (0: the first block starts at random)
-    while True:
+    if lz.k == 0:
         lz.step()
+    while True:
         theta, y = lz.eigh()
         x, lam, hard = _secular(theta, gamma * y[0], sigma)
         h = y @ x
@@ -204,9 +203,118 @@ def _lanczos(g: Tensor, op: Operator, sigma: float, rtol: float, max_iter: int, 
         converged = lz.exhausted or (residual <= tol and settled)
         if converged or lz.k >= max_iter:
             break
+        lz.step()
     u = lz.combine(h)
     value = _model(theta, gamma * y[0], x, sigma)
-    return u, -value, lz.k, lam, bool(theta[0] < 0), hard, converged
+    return u, -value, lam, bool(theta[0] < 0), hard, converged
+
+
+def _check_sigma(sigma) -> float:
+    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"Invalid sigma: {sigma!r} (must be positive and finite)")
+    return float(sigma)
+
+
+class CubicSolver:
+    r"""The ARC subproblem at one point: :meth:`query` once, :meth:`solve` for each :math:`\sigma`.
+
+    The counterpart of :class:`trlib.subproblem.Solver` for the cubic model: ``"lanczos"``
+    keeps its Krylov basis between solves, so a larger :math:`\sigma` after a rejected step
+    (or a tighter ``rtol``) costs only the products that extend the basis, often none;
+    ``"exact"`` decomposes the Hessian once. :meth:`solve` returns a
+    :class:`trlib.subproblem.SubproblemResult` (``on_boundary`` is False: the cubic model has
+    no boundary; ``multiplier`` is :math:`\lambda = \sigma\|s\|_A`; ``iterations`` the
+    products spent by that call), so :func:`trlib.region.iterate` treats both models alike.
+
+    >>> H = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
+    >>> solver = CubicSolver().query(torch.ones(3, dtype=torch.float64), H)
+    >>> [(round(float(r.model_decrease), 4), r.iterations) for r in (solver.solve(1.0), solver.solve(4.0))]
+    [(1.7612, 3), (0.6929, 0)]
+    """
+
+    def __init__(self, method: str = "lanczos", *, rtol: float = 1e-6, max_iter: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None):
+        if method not in CUBIC_METHODS:
+            raise ValueError(f"Invalid method: {method!r}; expected one of {CUBIC_METHODS}")
+        if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+            raise ValueError(f"Invalid rtol: {rtol!r} (must be a finite float >= 0)")
+        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+            raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a positive int or None)")
+        self.method, self.rtol, self.max_iter = method, float(rtol), max_iter
+        self.generator = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
+
+    def query(self, grad: Tensor, hvp, ellipsoid: Optional[Tensor] = None) -> "CubicSolver":
+        """Set up at a point: the gradient, the curvature (a callable ``v -> H v``, a
+        :class:`trlib.curvature.Operator` or a dense square tensor) and the ellipsoid (None: the sphere)."""
+        if not isinstance(grad, Tensor) or grad.ndim != 1 or not grad.is_floating_point() or grad.numel() == 0:
+            raise ValueError("Invalid grad: expected a non-empty 1-D floating-point tensor")
+        if not bool(torch.all(torch.isfinite(grad))):
+            raise ValueError("Invalid grad: contains NaN or inf")
+        n = grad.numel()
+        dense = None
+        if isinstance(hvp, Tensor):
+            if hvp.ndim != 2 or hvp.shape != (n, n):
+                raise ValueError(f"Invalid hvp: a dense Hessian must have shape ({n}, {n}), got {tuple(hvp.shape)}")
+            dense = hvp
+            op = lambda v: dense @ v  # noqa: E731
+        elif callable(hvp):
+            op = hvp
+        else:
+            raise ValueError("Invalid hvp: expected a callable v -> H v or a square tensor")
+        self.scale, g, base_op = None, grad, op
+        if ellipsoid is not None:
+            if not isinstance(ellipsoid, Tensor) or ellipsoid.shape != grad.shape:
+                raise ValueError(f"Invalid ellipsoid: expected a tensor of shape {tuple(grad.shape)}")
+            if not bool(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0))):
+                raise ValueError("Invalid ellipsoid: entries must be positive and finite")
+            scale = self.scale = ellipsoid.to(grad.dtype).rsqrt()  # u = A^{1/2} s, s = scale * u
+            g = scale * grad
+            op = lambda v: scale * base_op(scale * v)  # noqa: E731
+        self.grad, self.limit, self._spent = grad, n if self.max_iter is None else self.max_iter, 0
+        if self.method == "exact":
+            self._eigen = _decompose(grad, base_op, dense, self.scale)
+            self._lz = None
+        else:
+            self._lz = Lanczos(op, g, generator=self.generator)
+        return self
+
+    def solve(self, sigma: float, rtol: Optional[float] = None) -> SubproblemResult:
+        """The minimiser of the model for weight ``sigma`` (and a Lanczos tolerance ``rtol``, default the solver's)."""
+        sigma = _check_sigma(sigma)
+        rtol = self.rtol if rtol is None else float(rtol)
+        if self._lz is None:
+            w, V, c, products = self._eigen
+            x, lam, hard = _secular(w, c, sigma)
+            u = torch.as_tensor(V @ x, dtype=self.grad.dtype).to(self.grad.device)
+            decrease, negative, converged = -_model(w, c, x, sigma), bool(w[0] < 0), True
+            used, self._eigen = products, (w, V, c, 0)
+        else:
+            before = self._lz.k
+            u, decrease, lam, negative, hard, converged = _lanczos(self._lz, sigma, rtol, self.limit)
+            used = self._lz.k - before
+        step = u if self.scale is None else self.scale * u
+        if hard:
+            status = "hard_case"
+        elif lam == 0.0:
+            status = "zero_gradient"
+        else:
+            status = "converged" if converged else "max_iter"
+        decrease = torch.tensor(max(decrease, 0.0), dtype=self.grad.dtype, device=self.grad.device)
+        return SubproblemResult(step, decrease, False, negative, int(used), float(lam), status)
+
+    def leftmost(self):
+        """``(curvature, direction)``: the leftmost Ritz pair found so far, as a direction :math:`s`
+        with its Rayleigh quotient in the region's norm; None before any product."""
+        if self._lz is None:
+            w, V = self._eigen[0], self._eigen[1]
+            u = torch.as_tensor(V[:, 0], dtype=self.grad.dtype).to(self.grad.device)
+            value = float(w[0])
+        elif self._lz.k == 0:
+            return None
+        else:
+            theta, y = self._lz.eigh()
+            u, value = self._lz.combine(y[:, 0]), float(theta[0])
+        return value, u if self.scale is None else self.scale * u
 
 
 def solve_cubic(
@@ -258,56 +366,9 @@ def solve_cubic(
     optimization, Part I*, Math. Program. 127 (2011), §3 and §6; Gould, Lucidi, Roma & Toint,
     SIAM J. Optim. 9 (1999) (the Lanczos approach); Nesterov & Polyak, Math. Program. 108 (2006).
     """
+    solver = CubicSolver(method, rtol=rtol, max_iter=max_iter, generator=generator)
     if not isinstance(grad, Tensor) or grad.ndim != 1 or not grad.is_floating_point() or grad.numel() == 0:
         raise ValueError("Invalid grad: expected a non-empty 1-D floating-point tensor")
-    if not bool(torch.all(torch.isfinite(grad))):
-        raise ValueError("Invalid grad: contains NaN or inf")
-    n = grad.numel()
-    dense = None
-    if isinstance(hvp, Tensor):
-        if hvp.ndim != 2 or hvp.shape != (n, n):
-            raise ValueError(f"Invalid hvp: a dense Hessian must have shape ({n}, {n}), got {tuple(hvp.shape)}")
-        dense = hvp
-        op = lambda v: dense @ v  # noqa: E731
-    elif callable(hvp):
-        op = hvp
-    else:
-        raise ValueError("Invalid hvp: expected a callable v -> H v or a square tensor")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"Invalid sigma: {sigma!r} (must be positive and finite)")
-    sigma = float(sigma)
-    if method not in CUBIC_METHODS:
-        raise ValueError(f"Invalid method: {method!r}; expected one of {CUBIC_METHODS}")
-    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
-        raise ValueError(f"Invalid rtol: {rtol!r} (must be a finite float >= 0)")
-    max_iter = n if max_iter is None else max_iter
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a positive int or None)")
-
-    scale = None
-    g, base_op = grad, op
-    if ellipsoid is not None:
-        if not isinstance(ellipsoid, Tensor) or ellipsoid.shape != grad.shape:
-            raise ValueError(f"Invalid ellipsoid: expected a tensor of shape {tuple(grad.shape)}")
-        if not bool(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0))):
-            raise ValueError("Invalid ellipsoid: entries must be positive and finite")
-        scale = ellipsoid.to(grad.dtype).rsqrt()  # u = A^{1/2} s, s = scale * u
-        g = scale * grad
-        op = lambda v: scale * base_op(scale * v)  # noqa: E731
-
-    if method == "exact":
-        u, decrease, products, lam, negative, hard, converged = _exact(grad, base_op, dense, scale, sigma)
-    else:
-        if generator is None:
-            generator = torch.Generator(device="cpu").manual_seed(0)
-        u, decrease, products, lam, negative, hard, converged = _lanczos(g, op, sigma, float(rtol), max_iter,
-                                                                         generator)
-    step = u if scale is None else scale * u
-    if hard:
-        status = "hard_case"
-    elif lam == 0.0:
-        status = "zero_gradient"
-    else:
-        status = "converged" if converged else "max_iter"
-    decrease = torch.tensor(max(decrease, 0.0), dtype=grad.dtype, device=grad.device)
-    return CubicResult(step, decrease, int(products), float(lam), negative, status)
+    sigma = _check_sigma(sigma)
+    r = solver.query(grad, hvp, ellipsoid).solve(sigma)
+    return CubicResult(r.step, r.model_decrease, r.iterations, r.multiplier, r.negative_curvature, r.status)

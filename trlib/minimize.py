@@ -14,6 +14,11 @@ is below :math:`-`\ ``htol`` (a test on the Hessian itself, whatever the region'
 steps to the boundary along that eigenvector (the eigenpoint). So it leaves strict saddle
 points, where scipy's ``trust-krylov`` (which stops on the gradient test alone) stays.
 
+``method="arc"`` runs adaptive cubic regularisation through the same iteration: the cubic
+model (:class:`trlib.cubic.CubicSolver`, Lanczos) with a weight :math:`\sigma` updated by
+:class:`trlib.region.SigmaRule` in place of the radius (Cartis, Gould & Toint 2011), and at a
+saddle the cubic model's minimiser along the leftmost eigenvector.
+
 Example: the Rosenbrock function.
 
 >>> import torch, trlib
@@ -34,7 +39,8 @@ from torch import Tensor, nn
 
 from . import curvature, norms
 from .lanczos import smallest_eigenpair
-from .region import RadiusRule, iterate
+from .cubic import CubicSolver
+from .region import RadiusRule, SigmaRule, iterate
 from .subproblem import SubproblemResult, eigenpoint, get_solver
 
 __all__ = ["minimize", "MinimizeResult"]
@@ -42,11 +48,12 @@ __all__ = ["minimize", "MinimizeResult"]
 
 @dataclass
 class MinimizeResult:
-    """Like ``scipy.optimize.OptimizeResult``: the solution ``x`` (shaped like ``x0``), its value ``fun``, the final
+    r"""Like ``scipy.optimize.OptimizeResult``: the solution ``x`` (shaped like ``x0``), its value ``fun``, the final
     ``grad_norm``, ``success`` and ``message``; iterations ``nit``; evaluations of the function
     (``nfev``), its gradient (``ngev``) and Hessian-vector products (``nhvp``, the final
-    curvature test included); the final ``radius`` and a per-iteration ``history`` (value,
-    radius, rho, acceptance, products)."""
+    curvature test included); the final ``radius`` (for ``method="arc"``: the final weight
+    :math:`\sigma`) and a per-iteration ``history`` (value, radius or sigma, rho, acceptance,
+    products)."""
 
     x: Any
     fun: float
@@ -178,6 +185,7 @@ def minimize(
     max_iter: int = 1000,
     radius: float = 1.0,
     max_radius: float = 1e8,
+    sigma: float = 1.0,
     eta1: float = 0.1,
     eta2: float = 0.75,
     increase: float = 2.0,
@@ -197,7 +205,8 @@ def minimize(
             (set in place to the solution at the end). One dtype and device throughout.
             The iteration runs on one flat vector of all variables, so the result is the one
             of the 1-D problem; ``res.x`` has ``x0``'s form (a dict of parameters for a module).
-        method: subproblem solver: ``"gltr"`` (default), ``"cg"``, ``"cauchy"``, ``"exact"``.
+        method: subproblem solver: ``"gltr"`` (default), ``"cg"``, ``"cauchy"``, ``"exact"``; or
+            ``"arc"``: adaptive cubic regularisation instead of a trust region (see above).
         norm: the region's shape: None or ``"uniform"`` (sphere), ``"rms"``, ``"adagrad"``,
             ``"adam"``, a :class:`trlib.norms.Norm`, or a positive tensor (a fixed ellipsoid,
             flat or in ``x0``'s form).
@@ -206,6 +215,9 @@ def minimize(
         htol: tolerance on the smallest Hessian eigenvalue at a stationary point.
         max_iter: most iterations (accepted or rejected).
         radius, max_radius, eta1, eta2, increase, decrease: the radius rule (:class:`trlib.RadiusRule`).
+        sigma: ``"arc"``'s initial weight :math:`\sigma_0`; its rule is :class:`trlib.SigmaRule` with
+            the same ``eta1``, ``eta2``, ``increase`` (divides :math:`\sigma` after a very successful
+            step), ``decrease`` (multiplies it after a rejection) and ``1/max_radius`` as its floor.
         max_krylov: most products per subproblem (None: as many as needed).
         certificate: GLTR's search for an exact hard case (:mod:`trlib.subproblem`).
         callback: ``callback(x, info)`` after every iteration (``x`` in ``x0``'s form);
@@ -236,9 +248,17 @@ def minimize(
         raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a non-negative int)")
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"Invalid radius: {radius!r} (must be a positive finite number)")
-    rule = RadiusRule(eta1, eta2, increase, decrease, max_radius, grow_on_boundary_only=True)
+    arc = method == "arc"
     generator = torch.Generator().manual_seed(0)
-    solver = get_solver(method, max_iter=max_krylov, generator=generator, certificate=certificate)
+    if arc:
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"Invalid sigma: {sigma!r} (must be a positive finite number)")
+        RadiusRule(eta1, eta2, increase, decrease, max_radius)  # the same checks, with the names given here
+        rule, radius = SigmaRule(eta1, eta2, increase, decrease, 1.0 / max_radius), float(sigma)
+        solver = CubicSolver(max_iter=max_krylov, generator=generator)
+    else:
+        rule = RadiusRule(eta1, eta2, increase, decrease, max_radius, grow_on_boundary_only=True)
+        solver = get_solver(method, max_iter=max_krylov, generator=generator, certificate=certificate)
     shape = norms.get_norm(norm)
     if getattr(shape, "uses_per_sample_gradients", False):
         raise ValueError(f"Invalid norm: {shape.name!r} needs per-sample gradients; a function of x has none")
@@ -276,9 +296,14 @@ def minimize(
                 saddle = (lam_min, v)
 
             def solve(r, rtol, lam_min=saddle[0], v=saddle[1]):
-                step = eigenpoint(point.grad, r, lam_min, v, ellipsoid=ellipsoid)
-                gain = -(torch.dot(point.grad, step) + 0.5 * lam_min * torch.dot(step, step))
-                return SubproblemResult(step, gain, True, True, 0, None, "eigenpoint")
+                if arc:  # the cubic model's minimiser along v: ||s||_A = -mu / sigma, mu = v'Hv / ||v||_A^2
+                    mu = lam_min / float(norms.ellipsoid_norm(v, ellipsoid)) ** 2
+                    step = eigenpoint(point.grad, -mu / r, lam_min, v, ellipsoid=ellipsoid)
+                    cubic = r / 3.0 * norms.ellipsoid_norm(step, ellipsoid) ** 3
+                else:
+                    step, cubic = eigenpoint(point.grad, r, lam_min, v, ellipsoid=ellipsoid), 0.0
+                gain = -(torch.dot(point.grad, step) + 0.5 * lam_min * torch.dot(step, step) + cubic)
+                return SubproblemResult(step, gain, not arc, True, 0, None, "eigenpoint")
         else:
             solve = last.solve
         used = radius
@@ -288,7 +313,8 @@ def minimize(
         if t.accepted:
             point.accept()
             fresh = True
-        info = dict(iteration=it, fun=point.f, trial_fun=t.trial_loss, radius=used, rho=t.rho, accepted=t.accepted,
+        info = dict(iteration=it, fun=point.f, trial_fun=t.trial_loss, **{"sigma" if arc else "radius": used},
+                    rho=t.rho, accepted=t.accepted,
                     grad_norm=gnorm, hvps=spent, model_decrease=float(res.model_decrease),
                     on_boundary=res.on_boundary, negative_curvature=res.negative_curvature, saddle_step=gnorm <= gtol)
         history.append(info)
@@ -296,8 +322,10 @@ def minimize(
         if callback is not None and callback(point.x.detach(), info):
             message = "stopped by callback"
             break
-        if radius < 1e-14 * max(1.0, float(torch.linalg.vector_norm(point.x.detach()))):
-            message = "radius fell below machine precision: no further progress possible"
+        scale = max(1.0, float(torch.linalg.vector_norm(point.x.detach())))
+        if ((t.step_norm < 1e-14 * scale and not t.accepted) or radius > 1e30) if arc else radius < 1e-14 * scale:
+            message = ("steps fell below machine precision: no further progress possible" if arc else
+                       "radius fell below machine precision: no further progress possible")
             success = float(torch.linalg.vector_norm(point.grad)) <= gtol
             break
     c = point.counts

@@ -66,6 +66,7 @@ __all__ = [
     "get_norm",
     "ellipsoid_norm",
     "equivalence_constant",
+    "volume_matched_radius",
 ]
 
 State = Dict[str, Tensor]
@@ -498,3 +499,39 @@ def get_norm(norm: Union[str, Norm, Tensor, None], **kwargs) -> Norm:
     raise ValueError(
         f"Invalid norm: {norm!r}; expected one of {sorted(set(_NAMED))}, a trlib.norms.Norm or a positive tensor"
     )
+
+
+def volume_matched_radius(radius: float, ellipsoid: Optional[Tensor]) -> float:
+    r"""The radius of the sphere whose volume equals that of the region :math:`\{s : \|s\|_A \le \Delta\}`.
+
+    With :math:`A = \operatorname{diag}(a)` in :math:`d` dimensions, the region is the image of the
+    ball of radius :math:`\Delta` under :math:`u \mapsto \operatorname{diag}(a)^{-1/2} u`, whose
+    determinant is :math:`\prod_i a_i^{-1/2}`; equating volumes gives
+
+    .. math:: \bar\Delta = \Delta \Big(\prod_{i=1}^d a_i\Big)^{-1/(2d)}
+              = \Delta \exp\Big(-\frac{1}{2d}\sum_{i=1}^d \log a_i\Big),
+
+    the geometric mean of the semi-axes :math:`\Delta/\sqrt{a_i}`. A Euclidean trust region
+    started from :math:`\bar\Delta` differs from the ellipsoidal one in shape only, not in size
+    (chapters 5 and 7 of the course compare them so). ``ellipsoid=None`` (the sphere) returns
+    ``radius``. Computed in float64 from logarithms, so large :math:`d` neither overflows nor
+    underflows.
+
+    Raises:
+        ValueError: ``radius`` is not finite and positive, or ``ellipsoid`` has an entry that is
+            not finite and positive.
+
+    >>> volume_matched_radius(1.0, torch.tensor([4.0, 1.0 / 4.0]))
+    1.0
+    >>> volume_matched_radius(0.5, torch.tensor([16.0, 16.0, 16.0]))
+    0.125
+    """
+    radius = float(radius)
+    if not (math.isfinite(radius) and radius > 0):
+        raise ValueError(f"Invalid radius: {radius!r}; expected a finite positive number")
+    if ellipsoid is None:
+        return radius
+    a = torch.as_tensor(ellipsoid).detach().reshape(-1).double()
+    if a.numel() == 0 or not bool(torch.all(torch.isfinite(a) & (a > 0))):
+        raise ValueError("Invalid ellipsoid: must have at least one entry, all finite and positive")
+    return radius * math.exp(-0.5 * float(a.log().mean()))

@@ -53,10 +53,11 @@ from torch import Tensor, nn
 
 from . import curvature, norms
 from .curvature import NonFiniteCurvatureError
-from .region import RadiusRule, iterate
+from .cubic import CUBIC_METHODS, CubicSolver
+from .region import RadiusRule, SigmaRule, iterate
 from .subproblem import METHODS, Cauchy, get_solver
 
-__all__ = ["TrustRegion", "NonFiniteLossError", "NonFiniteCurvatureError", "DEFAULTS"]
+__all__ = ["TrustRegion", "ARC", "NonFiniteLossError", "NonFiniteCurvatureError", "DEFAULTS"]
 
 #: Default shrink factor per norm (the authors' MLP settings). The paper's initial radii
 #: (0.05 for the sphere, 1e-4 for RMSProp) only suit long runs of one problem's scale;
@@ -87,6 +88,11 @@ def _check(h: dict) -> None:
         raise ValueError(f"Invalid radius: {h['radius']!r} exceeds max_radius={h['max_radius']!r}")
     if h["method"] not in METHODS:
         raise ValueError(f"Invalid method: {h['method']!r}; expected one of {METHODS}")
+    _check_shared(h)
+
+
+def _check_shared(h: dict) -> None:
+    """The options TrustRegion and ARC share."""
     if not (isinstance(h["krylov_tol"], (int, float)) and 0 < h["krylov_tol"] < 1):
         raise ValueError(f"Invalid krylov_tol: {h['krylov_tol']!r} (must lie in (0, 1))")
     for name in ("max_krylov", "check_every"):
@@ -311,14 +317,25 @@ class TrustRegion(torch.optim.Optimizer):
                         krylov_tol=krylov_tol, max_krylov=max_krylov, beta=getattr(shape, "beta", beta),
                         eps=getattr(shape, "eps", eps), gtol=gtol, hvp=hvp, check_every=check_every, seed=seed,
                         lr=lr, weight_decay=weight_decay)
-        _check(defaults)
-        if hvp == "forward_over_reverse" and module is None:
+        self._setup(params, defaults, shape, isinstance(norm, str) or norm is None, module, distributed,
+                    process_group)
+
+    #: The hyperparameter (and state entry) that sets the model's reach: the radius here, ARC's sigma.
+    _control = "radius"
+
+    def _check_group(self, h: dict) -> None:
+        _check(h)
+
+    def _setup(self, params, defaults, shape, named_norm, module, distributed, process_group) -> None:
+        """The checks and attributes every optimizer of this engine shares."""
+        self._check_group(defaults)
+        if defaults["hvp"] == "forward_over_reverse" and module is None:
             raise ValueError("Invalid module: hvp='forward_over_reverse' needs the nn.Module (module=model)")
         if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("Invalid distributed: torch.distributed is not initialized "
                              "(call torch.distributed.init_process_group first, e.g. under torchrun)")
-        self.norm, self._named_norm = shape, isinstance(norm, str) or norm is None
-        super().__init__(params, defaults)
+        self.norm, self._named_norm = shape, named_norm
+        torch.optim.Optimizer.__init__(self, params, defaults)
         self.module = module
         self.distributed = bool(distributed)
         self.process_group = process_group
@@ -352,7 +369,7 @@ class TrustRegion(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check(group)
+            self._check_group(group)
             self._extend_state(group)
         except ValueError:
             self.param_groups.pop()
@@ -372,7 +389,8 @@ class TrustRegion(torch.optim.Optimizer):
                 raise ValueError("TrustRegion got no parameters that require grad")
             group = self.param_groups[0]
             like = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-            st.update(radius=group["radius"], initial_radius=group["radius"], steps=0, size=like.numel(),
+            c = self._control
+            st.update({c: group[c], "initial_" + c: group[c]}, steps=0, size=like.numel(),
                       counts={"gradient": 0, "hvp": 0, "forward": 0}, last={}, norm_state=self.norm.init(like),
                       generator=torch.Generator().manual_seed(group["seed"]).get_state())
         return st
@@ -455,7 +473,7 @@ class TrustRegion(torch.optim.Optimizer):
             if g["norm"] != self.norm.name:
                 raise ValueError(f"Invalid state_dict: saved with norm {g['norm']!r}, but this optimizer's "
                                  f"norm is {self.norm.name!r}")
-            _check(g)
+            self._check_group(g)
         if groups[0]["hvp"] == "forward_over_reverse" and self.module is None:
             raise ValueError("Invalid state_dict: hvp='forward_over_reverse' needs the nn.Module (module=model)")
         super().load_state_dict(state_dict)
@@ -467,12 +485,13 @@ class TrustRegion(torch.optim.Optimizer):
             self._check_state(st)
 
     def _check_state(self, st: dict) -> None:
-        keys = {"radius", "initial_radius", "steps", "size", "counts", "last", "norm_state", "generator"}
+        c = self._control
+        keys = {c, "initial_" + c, "steps", "size", "counts", "last", "norm_state", "generator"}
         if not keys <= set(st):
             raise ValueError(f"Invalid state_dict: the optimizer state lacks {sorted(keys - set(st))}")
-        r = st["radius"]
+        r = st[c]
         if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
-            raise ValueError(f"Invalid state_dict: radius {r!r} (must be positive and finite)")
+            raise ValueError(f"Invalid state_dict: {c} {r!r} (must be positive and finite)")
         if not isinstance(st["counts"], dict) or set(st["counts"]) != {"gradient", "hvp", "forward"}:
             raise ValueError(f"Invalid state_dict: counts {st['counts']!r}")
         params = self._params()
@@ -583,6 +602,11 @@ class TrustRegion(torch.optim.Optimizer):
             ellipsoid = (torch.ones_like(grad) if ellipsoid is None else ellipsoid) / (lr * lr)
         grad_norm = float(torch.linalg.vector_norm(grad))
         model_grad = torch.zeros_like(grad) if grad_norm <= group["gtol"] else grad
+        radius, cauchy = self._reach(group, st, model_grad, op, ellipsoid)
+        return norm_state, ellipsoid, model_grad, op, radius, cauchy, grad_norm
+
+    def _reach(self, group, st, model_grad, op, ellipsoid):
+        """The radius of this step, and the Cauchy solver when the automatic first radius queried one."""
         # writing the group's radius sets the live radius
         radius = group["radius"] if group["radius"] != st["initial_radius"] else st["radius"]
         cauchy = None
@@ -592,7 +616,16 @@ class TrustRegion(torch.optim.Optimizer):
             cauchy = Cauchy().query(model_grad, op, ellipsoid)
             length = cauchy.gnorm**3 / cauchy.curvature if cauchy.curvature > 0 else cauchy.gnorm
             radius = float(min(max(length, 1e-12), group["max_radius"])) if cauchy.gnorm > 0 else 1.0
-        return norm_state, ellipsoid, model_grad, op, min(radius, group["max_radius"]), cauchy, grad_norm
+        return min(radius, group["max_radius"]), cauchy
+
+    def _solver(self, group, rtol, generator, cauchy, grad, op, ellipsoid):
+        """The subproblem solver, queried at this point."""
+        return cauchy if cauchy is not None and group["method"] == "cauchy" else get_solver(
+            group["method"], rtol=rtol, max_iter=group["max_krylov"] if group["method"] != "exact" else None,
+            check_every=group["check_every"], generator=generator).query(grad, op, ellipsoid)
+
+    def _rule(self, group):
+        return RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
 
     def _test_loss(self, test_closure, replay) -> float:
         """The independent batch's loss at the current point (forward only, the first call's randomness)."""
@@ -766,8 +799,8 @@ class TrustRegion(torch.optim.Optimizer):
                 norm_state = {k: v.clone() for k, v in st["norm_state"].items()}
                 self.norm.update(norm_state, grad, **({"hvp": op} if getattr(self.norm, "uses_curvature", False)
                                                       else {}))
-                st.update(steps=st["steps"] + 1, norm_state=norm_state, last=dict(
-                    radius=st["radius"], rho=math.nan, accepted=False, loss=loss_value, trial_loss=math.nan,
+                st.update(steps=st["steps"] + 1, norm_state=norm_state, last={self._control: st[self._control]} | dict(
+                    rho=math.nan, accepted=False, loss=loss_value, trial_loss=math.nan,
                     model_decrease=0.0, iterations=0, on_boundary=False, negative_curvature=False,
                     grad_norm=float(torch.linalg.vector_norm(grad)), hessian_fraction=fraction, status="lr is 0"))
                 return loss.detach()
@@ -786,9 +819,7 @@ class TrustRegion(torch.optim.Optimizer):
             generator = torch.Generator()
             generator.set_state(st["generator"])
             rtol = min(group["krylov_tol"], math.sqrt(grad_norm)) if grad_norm > 0 else group["krylov_tol"]
-            solver = cauchy if cauchy is not None and group["method"] == "cauchy" else get_solver(
-                group["method"], rtol=rtol, max_iter=group["max_krylov"] if group["method"] != "exact" else None,
-                check_every=group["check_every"], generator=generator).query(model_grad, model_op, ellipsoid)
+            solver = self._solver(group, rtol, generator, cauchy, model_grad, model_op, ellipsoid)
 
             moving_params = [p for ps in movable for p in ps]
             moving_view = curvature.FlatView(moving_params)
@@ -816,7 +847,7 @@ class TrustRegion(torch.optim.Optimizer):
                     torch._foreach_copy_(moving_params, self._backup)
                 moved.clear()
 
-            rule = RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
+            rule = self._rule(group)
             try:
                 t = iterate(solver.solve, trial, undo, reference, radius, rule, ellipsoid=ellipsoid, rtol=rtol,
                             eps=torch.finfo(loss.dtype).eps)
@@ -825,9 +856,10 @@ class TrustRegion(torch.optim.Optimizer):
                     undo()
                 raise
         result = t.result
-        st.update(radius=t.radius, initial_radius=group["radius"], steps=st["steps"] + 1, norm_state=norm_state,
+        c = self._control
+        st.update({c: t.radius, "initial_" + c: group[c]}, steps=st["steps"] + 1, norm_state=norm_state,
                   generator=generator.get_state(),
-                  last=dict(radius=radius, rho=t.rho, accepted=t.accepted, loss=loss_value,
+                  last={c: radius} | dict(rho=t.rho, accepted=t.accepted, loss=loss_value,
                             trial_loss=t.trial_loss, model_decrease=float(result.model_decrease),
                             iterations=result.iterations, on_boundary=result.on_boundary,
                             negative_curvature=result.negative_curvature, grad_norm=grad_norm,
@@ -835,3 +867,127 @@ class TrustRegion(torch.optim.Optimizer):
         if test_closure is not None:
             st["last"]["test_loss"] = reference
         return loss.detach()
+
+
+def _check_arc(h: dict) -> None:
+    """Validate an ARC param group (a clear ValueError naming the first bad option)."""
+    if h["sigma"] is not None and (isinstance(h["sigma"], bool) or not (
+            isinstance(h["sigma"], (int, float)) and math.isfinite(h["sigma"]) and h["sigma"] > 0)):
+        raise ValueError(f"Invalid sigma: {h['sigma']!r} (must be a positive finite number, or None for automatic)")
+    SigmaRule(h["eta1"], h["eta2"], h["increase"], h["decrease"], h["min_sigma"])  # validates those five
+    if h["method"] not in CUBIC_METHODS:
+        raise ValueError(f"Invalid method: {h['method']!r}; expected one of {CUBIC_METHODS}")
+    _check_shared(h)
+
+
+class ARC(TrustRegion):
+    r"""Adaptive cubic regularisation (ARC) with adaptive ellipsoidal norms, as a ``torch.optim.Optimizer``.
+
+    Where :class:`TrustRegion` minimises the quadratic model inside :math:`\|s\|_A \le \Delta`,
+    ARC minimises the regularised model
+
+    .. math:: m_t(s) = \mathcal L(w_t) + g_t^\top s + \tfrac12 s^\top H_t s + \tfrac{\sigma_t}{3}\|s\|_{A_t}^3
+
+    (:mod:`trlib.cubic`, solved by Lanczos, :class:`trlib.cubic.CubicSolver`) in the same
+    adaptive norm :math:`A_t` (the paper's footnote 5), tries :math:`w_t + s_t` on the same
+    mini-batch, accepts when :math:`\rho_t \ge \eta_1` and updates :math:`\sigma` by
+    :class:`trlib.region.SigmaRule`: divided by ``increase`` after a very successful step
+    (:math:`\rho_t \ge \eta_2`, floored at ``min_sigma``), multiplied by ``decrease`` after a
+    rejection (Cartis, Gould & Toint 2011, Algorithm 2.1; the stochastic analysis with
+    sub-sampled Hessians is Kohler & Lucchi 2017). Everything else is :class:`TrustRegion`'s,
+    shared rather than copied: the closure contract and :meth:`step`'s options
+    (``hessian_closure`` for sub-sampled curvature, ``test_closure``), the counted curvature,
+    the norms, the iteration (:func:`trlib.region.iterate`), ``counts``/``backprops``/``last``
+    (with ``"sigma"`` in place of ``"radius"``), ``state_dict`` round trips, parameter groups,
+    data-parallel mode and the NaN guards. A rejected step costs no new product unless the
+    larger :math:`\sigma` needs a longer Krylov basis.
+
+    Args:
+        params, norm, beta, eps, gtol, hvp, module, seed, distributed, process_group, lr,
+            weight_decay: as for :class:`TrustRegion` (``lr`` scales the norm:
+            :math:`\|D^{-1}s\|_A` in the cubic term).
+        sigma: initial weight :math:`\sigma_0`. Default (None): :math:`\|\tilde g\|/\ell^2`
+            with :math:`\ell` the length of the first Cauchy step in the region's norm (one
+            product, once): the weight whose cubic term alone would stop a step along
+            :math:`-\tilde g` at :math:`\ell`, the counterpart of TrustRegion's automatic radius.
+        min_sigma: floor of :math:`\sigma` (what ``max_radius`` is to the radius).
+        eta1, eta2: acceptance and very-successful thresholds.
+        increase: :math:`\sigma` is divided by it after a very successful step.
+        decrease: :math:`\sigma` is multiplied by it after a rejection (default by norm, as
+            TrustRegion's shrink factor).
+        method: ``"lanczos"`` (default) or ``"exact"`` (dense; tiny models only).
+        krylov_tol, max_krylov: Lanczos stops when the model's gradient is below
+            :math:`\min(\text{krylov\_tol}, \sqrt{\|g\|})\min(1, \|u\|)\|\tilde g\|` (the TC.s
+            rule), or after ``max_krylov`` products.
+
+    Attributes: ``sigma`` (for the next step), ``counts``, ``backprops``, ``last``, ``ellipsoid``;
+    ``radius`` is None (ARC has none).
+
+    Example
+    -------
+    >>> import torch, trlib
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(3, 1)
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> opt = trlib.ARC(model.parameters(), norm="rms")
+    >>> losses = [float(opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))) for _ in range(20)]
+    >>> X = torch.cat([x, torch.ones(64, 1)], 1)   # the least-squares optimum, for comparison
+    >>> best = float(torch.nn.functional.mse_loss(X @ torch.linalg.lstsq(X, y).solution, y))
+    >>> round(losses[-1], 4) == round(best, 4), opt.counts["gradient"], opt.sigma > 0
+    (True, 20, True)
+    """
+
+    _control = "sigma"
+
+    def __init__(self, params, *, norm="rms", sigma: Optional[float] = None, min_sigma: float = 1e-8,
+                 eta1: float = 0.01, eta2: float = 0.95, increase: float = 1.1, decrease: Optional[float] = None,
+                 method: str = "lanczos", krylov_tol: float = 0.1, max_krylov: int = 50, beta: float = 0.8,
+                 eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
+                 module: Optional[nn.Module] = None, seed: int = 0, distributed: bool = False, process_group=None,
+                 lr: float = 1.0, weight_decay: float = 0.0):
+        shape = norms.get_norm(norm, beta=beta, eps=eps)
+        if getattr(shape, "uses_per_sample_gradients", False):
+            raise ValueError(f"Invalid norm: {shape.name!r} needs per-sample gradients, which a closure that returns "
+                             "the batch's loss does not give; ARC supports norms of the gradient (and of "
+                             "Hessian-vector products)")
+        if decrease is None:
+            decrease = DEFAULTS.get(shape.name, _FALLBACK)["decrease"]
+        defaults = dict(norm=shape.name, sigma=None if sigma is None else sigma, min_sigma=min_sigma,
+                        eta1=eta1, eta2=eta2, increase=increase, decrease=decrease, method=method,
+                        krylov_tol=krylov_tol, max_krylov=max_krylov, beta=getattr(shape, "beta", beta),
+                        eps=getattr(shape, "eps", eps), gtol=gtol, hvp=hvp, check_every=1, seed=seed,
+                        lr=lr, weight_decay=weight_decay)
+        self._setup(params, defaults, shape, isinstance(norm, str) or norm is None, module, distributed,
+                    process_group)
+
+    def _check_group(self, h: dict) -> None:
+        _check_arc(h)
+
+    @property
+    def sigma(self) -> Optional[float]:
+        """The weight :math:`\\sigma` the next step will use (None before an automatic first one is set)."""
+        group = self.param_groups[0]
+        s = self._state().get("sigma", group["sigma"])
+        return s if s is None else max(s, group["min_sigma"])
+
+    @property
+    def radius(self) -> None:
+        """None: ARC has no radius (its reach is set by :attr:`sigma`)."""
+        return None
+
+    def _reach(self, group, st, model_grad, op, ellipsoid):
+        """The weight of this step (writing the group's ``sigma`` sets the live one)."""
+        sigma = group["sigma"] if group["sigma"] != st["initial_sigma"] else st["sigma"]
+        if sigma is None:
+            cauchy = Cauchy().query(model_grad, op, ellipsoid)
+            length = cauchy.gnorm**3 / cauchy.curvature if cauchy.curvature > 0 else cauchy.gnorm
+            sigma = cauchy.gnorm / max(length, 1e-12) ** 2 if cauchy.gnorm > 0 else 1.0
+        return float(max(sigma, group["min_sigma"])), None
+
+    def _solver(self, group, rtol, generator, cauchy, grad, op, ellipsoid):
+        return CubicSolver(group["method"], rtol=rtol, generator=generator,
+                           max_iter=group["max_krylov"] if group["method"] != "exact" else None
+                           ).query(grad, op, ellipsoid)
+
+    def _rule(self, group):
+        return SigmaRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["min_sigma"])

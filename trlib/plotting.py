@@ -261,3 +261,25 @@ def plot_contours(ax, fun, xlim: Tuple[float, float], ylim: Tuple[float, float],
     if "cmap" in kwargs:
         kwargs.pop("colors")
     return ax.contour(x, y, z, levels=levels, **kwargs)
+
+
+# ----------------------------------------------------------------------------- chapter 8's variants
+#: Chapter 8 ("Beyond the paper") trains variants of TR-RMS through the runner's settings and names
+#: each run after what it changes (``hessian_batch``: the fraction of the batch the Hessian-vector
+#: products see; ``norm``: the region's shape), so that figures and tables tell them apart.
+METHOD_LABELS.update({
+    "tr_rms_full_hessian": "TR-RMS, products on the whole batch",
+    "tr_rms_hessian_1_8": "TR-RMS, products on 1/8 of the batch",
+    "tr_rms_hessian_1_32": "TR-RMS, products on 1/32 of the batch",
+    "tr_adam": "TR, Adam ellipsoid",
+    "tr_hutchinson": "TR, Hutchinson ellipsoid",
+    "tr_fisher": "TR, empirical Fisher ellipsoid",
+    "tr_rms_safeguarded": "TR, RMSProp ellipsoid, safeguarded",
+    "tr_rms_ggn": "TR-RMS, Gauss-Newton curvature",
+    "arc_rms": "ARC, RMSProp ellipsoid",
+    "adam_lr0.001": "Adam, lr 1e-3",
+})
+_COLORS.update({"tr_rms_full_hessian": "darkred", "tr_rms_hessian_1_8": "tab:red", "tr_rms_hessian_1_32": "salmon",
+                "tr_adam": "tab:green", "tr_hutchinson": "tab:pink", "tr_fisher": "gold",
+                "tr_rms_safeguarded": "tab:brown", "tr_rms_ggn": "navy", "arc_rms": "black",
+                "adam_lr0.001": "teal"})

@@ -19,6 +19,10 @@ below the loss's rounding level is solved again with a tighter Krylov tolerance 
 is tried (:func:`iterate`): an inexact solve of a badly scaled model can return a step too
 short to be measured, and shrinking the radius would never cure that.
 
+Adaptive cubic regularisation (:class:`trlib.ARC`, ``minimize(method="arc")``) runs the same
+iteration with a weight :math:`\sigma` in place of the radius and :class:`SigmaRule` in place
+of :class:`RadiusRule`.
+
 >>> rule = RadiusRule(eta1=0.1, eta2=0.9, increase=2.0, decrease=4.0, max_radius=10.0)
 >>> rule.update(radius=1.0, rho=0.95)
 (2.0, True)
@@ -38,7 +42,7 @@ from torch import Tensor
 from .norms import ellipsoid_norm
 from .subproblem import SubproblemResult
 
-__all__ = ["RadiusRule", "reduction_ratio", "iterate", "Trial"]
+__all__ = ["RadiusRule", "SigmaRule", "reduction_ratio", "iterate", "Trial"]
 
 
 def reduction_ratio(loss: float, trial_loss: float, model_decrease: float, eps: float = 2.0**-52) -> float:
@@ -98,6 +102,51 @@ class RadiusRule:
         return radius, accepted
 
 
+@dataclass(frozen=True)
+class SigmaRule:
+    r"""The regularisation-weight update of adaptive cubic regularisation (ARC), the counterpart
+    of :class:`RadiusRule`: the weight :math:`\sigma` plays the inverse of a radius.
+
+    .. math:: \sigma_{t+1} = \begin{cases}
+              \max(\sigma_t / \gamma_{\rm inc},\ \sigma_{\min}) & \rho_t \ge \eta_2 \text{ (very successful)}\\
+              \sigma_t & \eta_1 \le \rho_t < \eta_2 \text{ (successful)}\\
+              \gamma_{\rm dec}\,\sigma_t & \rho_t < \eta_1 \text{ (unsuccessful: rejected)}
+              \end{cases}
+
+    with :math:`\gamma_{\rm inc}` = ``increase`` and :math:`\gamma_{\rm dec}` = ``decrease``
+    named, as in :class:`RadiusRule`, for what they do to the region the model is trusted in
+    (its size scales like :math:`1/\sigma`). Cartis, Gould & Toint (2011), *Adaptive cubic
+    regularisation methods for unconstrained optimization, Part I*, Math. Program. 127,
+    Algorithm 2.1 (their :math:`\gamma_1 = \gamma_2 = \gamma_{\rm dec}`, and a decrease on very
+    successful steps floored at :math:`\sigma_{\min}`, as in their §7).
+
+    >>> rule = SigmaRule(eta1=0.1, eta2=0.9, increase=2.0, decrease=2.0, min_sigma=1e-8)
+    >>> rule.update(1.0, rho=0.95), rule.update(1.0, rho=0.5), rule.update(1.0, rho=0.05)
+    ((0.5, True), (1.0, True), (2.0, False))
+    """
+
+    eta1: float = 0.1
+    eta2: float = 0.9
+    increase: float = 2.0
+    decrease: float = 2.0
+    min_sigma: float = 1e-8
+
+    def __post_init__(self):
+        RadiusRule(self.eta1, self.eta2, self.increase, self.decrease)  # the same four checks
+        if not (isinstance(self.min_sigma, (int, float)) and math.isfinite(self.min_sigma) and self.min_sigma > 0):
+            raise ValueError(f"Invalid min_sigma: {self.min_sigma!r} (must be a positive finite number)")
+
+    def update(self, sigma: float, rho: float, on_boundary: bool = True, step_norm: float = math.inf):
+        r"""Returns ``(new_sigma, accepted)`` (``on_boundary`` and ``step_norm``, which a radius
+        needs, are ignored: the cubic term already shrinks the step as :math:`\sigma` grows)."""
+        accepted = rho >= self.eta1
+        if rho >= self.eta2:
+            sigma = max(sigma / self.increase, self.min_sigma)
+        elif not accepted:
+            sigma = sigma * self.decrease
+        return sigma, accepted
+
+
 @dataclass
 class Trial:
     """What one iteration did: the subproblem ``result`` (``iterations``: all its products),
@@ -119,7 +168,9 @@ def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[
     r"""One trust-region iteration: subproblem, trial point, :math:`\rho`, radius rule, accept or undo.
 
     ``solve(radius, rtol)`` answers the subproblem at the current point (a
-    :class:`trlib.subproblem.Solver`'s ``solve``); ``trial(step)`` moves to the trial point and
+    :class:`trlib.subproblem.Solver`'s ``solve``; for ARC, ``radius`` is the weight
+    :math:`\sigma`, ``solve`` a :class:`trlib.cubic.CubicSolver`'s and ``rule`` a
+    :class:`SigmaRule`); ``trial(step)`` moves to the trial point and
     returns the loss there; ``undo()`` moves back (called on a rejection). A step from a solve
     that stopped on its tolerance is solved again with a tolerance 100 times tighter (down to
     1e-12), at the same radius, when its predicted decrease lies below the loss's rounding

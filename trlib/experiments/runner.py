@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..data import DatasetUnavailableError, dataset_info, load_dataset, load_stand_in, stand_in
+from ..data import DatasetUnavailableError, dataset_info, load_dataset, load_stand_in, stand_in, subset as subset_of
 from ..models import build_model, get_task
 from ..optim import NonFiniteCurvatureError, NonFiniteLossError, TrustRegion
 from .configs import FIRST_ORDER, get_config
@@ -93,7 +93,7 @@ from .storage import (CheckpointError, RunLock, RunLockedError, load_checkpoint,
                       save_checkpoint)
 
 __all__ = ["Budget", "BudgetWarning", "parse_budget", "run", "load_data", "run_id", "Objective", "evaluate",
-           "SingleProcess", "Trainer", "TrainerState", "resolve_device", "prepare_out", "RunFiles"]
+           "SingleProcess", "Trainer", "TrainerState", "Monitor", "resolve_device", "prepare_out", "RunFiles"]
 
 _UNITS = {"backprops": "backprops", "backprop": "backprops", "bp": "backprops",
           "epochs": "epochs", "epoch": "epochs", "ep": "epochs",
@@ -143,29 +143,42 @@ def parse_budget(budget: Union[str, Budget]) -> Budget:
 
 # --- data ------------------------------------------------------------------------------
 
-def load_data(task: str, data: str = "auto", *, device="cpu", root=None, verbose: bool = True):
+def load_data(task: str, data: str = "auto", *, device="cpu", root=None, verbose: bool = True,
+              subset: Optional[int] = None, test_subset: Optional[int] = None, seed: int = 0):
     """The (train, test) datasets of ``task``: ``data`` is ``"real"`` (DatasetUnavailableError
     when missing), ``"stand-in"`` (the offline stand-in, e.g. sklearn digits for MNIST) or
     ``"auto"`` (real if it can be loaded or downloaded, else the stand-in, announced on stderr).
     A stand-in is marked: ``is_stand_in=True`` and a display name such as
     ``"sklearn digits (offline stand-in for MNIST)"``.
+
+    ``subset`` and ``test_subset`` keep at most that many training and test samples, a
+    class-stratified random choice fixed by ``seed`` (:func:`trlib.data.subset`, which marks the
+    display name: ``"Fashion-MNIST (6,000 of 60,000 training images, seed 0)"``); None keeps the
+    whole split. Pass the result to :func:`run` as ``datasets``: its records and provenance then
+    name the subset, and its files do not mix with those of the whole dataset.
     """
     name = get_task(task).dataset
     if data not in ("auto", "real", "stand-in"):
         raise ValueError(f"invalid data {data!r}; expected 'auto', 'real' or 'stand-in'")
+    for what, size in (("subset", subset), ("test_subset", test_subset)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"invalid {what} {size!r}: expected an int >= 1 or None")
     why = "--data stand-in was asked for"
+    splits = None
     if data != "stand-in":
         try:
-            return tuple(load_dataset(name, root=root, train=t, device=device) for t in (True, False))
+            splits = tuple(load_dataset(name, root=root, train=t, device=device) for t in (True, False))
         except DatasetUnavailableError as err:
             if data == "real" or stand_in(name) == name:
                 raise
             why = str(err).splitlines()[0]
-    splits = tuple(load_stand_in(name, root=root, train=t, device=device) for t in (True, False))
-    if verbose and splits[0].is_stand_in:
-        print(f"NOTE: {splits[0].display_name} is used, not {dataset_info(name).display_name}: {why}.",
-              file=sys.stderr, flush=True)
-    return splits
+    if splits is None:
+        splits = tuple(load_stand_in(name, root=root, train=t, device=device) for t in (True, False))
+        if verbose and splits[0].is_stand_in:
+            print(f"NOTE: {splits[0].display_name} is used, not {dataset_info(name).display_name}: {why}.",
+                  file=sys.stderr, flush=True)
+    return tuple(split if size is None else subset_of(split, size, seed=seed)
+                 for split, size in zip(splits, (subset, test_subset)))
 
 
 # --- loss and evaluation -----------------------------------------------------------------
@@ -332,13 +345,52 @@ class TrainerState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class Monitor:
+    """Looks inside a run while it trains: subclass it and pass an instance as ``run(...,
+    monitor=)``. Both methods do nothing here.
+
+    * ``after_step(trainer)`` runs after every step, ``after_record(trainer, record)`` after every
+      evaluation (the first, at step 0, included) with the record just appended to the log.
+      ``trainer`` is the :class:`Trainer`: ``trainer.model``, ``trainer.opt`` (the current
+      phase's optimizer: its ``last`` and ``ellipsoid`` for a :class:`~trlib.TrustRegion`),
+      ``trainer.batch`` (the indices of the step's mini-batch in ``trainer.train``),
+      ``trainer.objective`` and ``trainer.state``.
+    * What a monitor does is no work: it runs outside the clock and the counters, and under
+      :func:`torch.random.fork_rng`, so a run's log is the same with and without it. It must
+      leave the weights as it found them. It runs on every process of a distributed run.
+    * An exception raised in it interrupts the run as in ``on_step`` (a KeyboardInterrupt
+      writes a checkpoint first).
+
+    >>> class Radii(Monitor):
+    ...     def __init__(self):
+    ...         self.radii = []
+    ...     def after_step(self, trainer):
+    ...         self.radii.append(trainer.opt.last["radius"])
+    >>> radii = Radii()
+    >>> log = run("mnist_mlp", "tr_rms", 0, "3backprops", data="stand-in", progress=False, verbose=False,
+    ...           monitor=radii)
+    >>> len(radii.radii) == log[-1]["step"]
+    True
+    """
+
+    def after_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_record(self, trainer: "Trainer", record: Dict[str, Any]) -> None:
+        pass
+
+
 class Trainer:
     """One run's model, optimizer, data order and :class:`TrainerState`, and the step that
-    advances them. ``comm`` is the communicator (:class:`SingleProcess` by default)."""
+    advances them. ``comm`` is the communicator (:class:`SingleProcess` by default);
+    ``monitor`` a :class:`Monitor` (None: nothing looks inside)."""
 
-    def __init__(self, cfg: Dict[str, Any], train, test, device: torch.device, seed: int, comm=None):
+    def __init__(self, cfg: Dict[str, Any], train, test, device: torch.device, seed: int, comm=None,
+                 monitor: Optional[Monitor] = None):
         self.cfg, self.train, self.test, self.device, self.seed = cfg, train, test, device, seed
         self.comm = SingleProcess() if comm is None else comm
+        self.monitor = monitor
+        self.batch: Optional[torch.Tensor] = None  # the last step's mini-batch (indices into train)
         torch.manual_seed(seed)  # the initial weights: the same on every process
         self.model = build_model(cfg["task"], dataset=train).to(device)
         self.model.train()
@@ -409,6 +461,7 @@ class Trainer:
         if self.order is None:
             self.order = s.order.to(self.device)
         idx = self.order[s.position:s.position + s.batch_size]
+        self.batch = idx
         closure = self.closure(idx)
         if isinstance(self.opt, TrustRegion):
             before, counts = self.opt.backprops, self.opt.counts
@@ -512,7 +565,14 @@ class Trainer:
             s.status = "diverged"
         interval = max(1, round(cfg["eval_every"] * self.n))
         s.next_eval = (s.samples // interval + 1) * interval
+        self.watch("after_record", rec)
         return rec
+
+    def watch(self, event: str, *args) -> None:
+        """Call the monitor's ``event`` method, if there is a monitor (no work: random state kept)."""
+        if self.monitor is not None:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                getattr(self.monitor, event)(self, *args)
 
     # checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -597,7 +657,7 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
         quick: bool = False, preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
         progress: bool = True, verbose: bool = True, fresh: bool = False, threads: Optional[int] = None,
         data_root=None, datasets=None, on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
-        distributed=None) -> List[Dict[str, Any]]:
+        monitor: Optional[Monitor] = None, distributed=None) -> List[Dict[str, Any]]:
     """Train ``method`` on ``task`` from seed ``seed`` until ``budget`` is spent; return the log.
 
     Args:
@@ -621,6 +681,8 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
         on_step: called after every step with ``{"steps", "backprops", "data_passes", "epoch",
             "seconds"}`` (progress reports; an exception raised there interrupts the run, and a
             KeyboardInterrupt writes a checkpoint first).
+        monitor: a :class:`Monitor`, which sees the trainer (model, optimizer, mini-batch) after
+            every step and every evaluation: diagnostics that count as no work.
         distributed: the communicator. None: one process (:class:`SingleProcess`). A
             :class:`trlib.experiments.distributed.Context` (from
             :func:`trlib.experiments.distributed.setup`, e.g. under ``torchrun``) trains
@@ -666,7 +728,7 @@ def run(task: str, method: str, seed: int, budget: Union[str, Budget], *,
     session = dict(started=provenance["started"], budget=str(budget), from_step=0)
     with _threads(threads):
         provenance["threads"] = torch.get_num_threads()
-        trainer = Trainer(cfg, train, test, device, seed, comm)
+        trainer = Trainer(cfg, train, test, device, seed, comm, monitor)
         if folder is None:
             provenance["sessions"].append(session)
             return _loop(trainer, budget, lambda status: None, progress, on_step, rid, distributed is not None)
@@ -891,6 +953,7 @@ def _loop(trainer: Trainer, budget: Budget, save, progress: bool, on_step, rid: 
                 epochs_before = s.epochs_done
                 trainer.step()
                 consistent = True
+                trainer.watch("after_step")
                 if s.samples >= s.next_eval:
                     rec = trainer.record()
                     bar.set_postfix(loss=f"{rec['train_loss']:.4g}", refresh=False)

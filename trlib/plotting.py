@@ -283,3 +283,9 @@ _COLORS.update({"tr_rms_full_hessian": "darkred", "tr_rms_hessian_1_8": "tab:red
                 "tr_adam": "tab:green", "tr_hutchinson": "tab:pink", "tr_fisher": "gold",
                 "tr_rms_safeguarded": "tab:brown", "tr_rms_ggn": "navy", "arc_rms": "black",
                 "adam_lr0.001": "teal"})
+
+# ----------------------------------------------------------------------------- chapter 5's authors' settings
+#: Runs with the authors' table (``preset="paper"``) shown next to the library's defaults are
+#: relabelled ``<method>_paper`` (chapter 5 of the course), so that the two never share a curve.
+METHOD_LABELS.update({f"{m}_paper": f"{METHOD_LABELS[m]}, authors' settings" for m in ("tr_uniform", "tr_adagrad", "tr_rms")})
+_COLORS.update({"tr_uniform_paper": "lightskyblue", "tr_adagrad_paper": "peru", "tr_rms_paper": "orchid"})

@@ -354,7 +354,9 @@ class Monitor:
       ``trainer`` is the :class:`Trainer`: ``trainer.model``, ``trainer.opt`` (the current
       phase's optimizer: its ``last`` and ``ellipsoid`` for a :class:`~trlib.TrustRegion`),
       ``trainer.batch`` (the indices of the step's mini-batch in ``trainer.train``),
-      ``trainer.objective`` and ``trainer.state``.
+      ``trainer.objective`` and ``trainer.state``. After the step that ends a warm-up,
+      ``trainer.opt`` is already the next phase's optimizer (``trainer.state.phase`` says which),
+      and a :class:`~trlib.TrustRegion` before its first step has an empty ``last``.
     * What a monitor does is no work: it runs outside the clock and the counters, and under
       :func:`torch.random.fork_rng`, so a run's log is the same with and without it. It must
       leave the weights as it found them. It runs on every process of a distributed run.

@@ -358,7 +358,7 @@ class Monitor:
       ``trainer.opt`` is already the next phase's optimizer (``trainer.state.phase`` says which),
       and a :class:`~trlib.TrustRegion` before its first step has an empty ``last``.
     * What a monitor does is no work: it runs outside the clock and the counters, and under
-      :func:`torch.random.fork_rng`, so a run's log is the same with and without it. It must
+      ``torch.random.fork_rng``, so a run's log is the same with and without it. It must
       leave the weights as it found them. It runs on every process of a distributed run.
     * An exception raised in it interrupts the run as in ``on_step`` (a KeyboardInterrupt
       writes a checkpoint first).

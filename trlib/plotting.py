@@ -291,6 +291,7 @@ _COLORS.update({"tr_rms_full_hessian": "darkred", "tr_rms_hessian_1_8": "tab:red
 METHOD_LABELS.update({f"{m}_paper": f"{METHOD_LABELS[m]}, authors' settings" for m in ("tr_uniform", "tr_adagrad", "tr_rms")})
 _COLORS.update({"tr_uniform_paper": "lightskyblue", "tr_adagrad_paper": "peru", "tr_rms_paper": "orchid"})
 
+
 # ----------------------------------------------------------------------------- autoencoders
 def plot_reconstructions(rows: Sequence[Tuple[str, Any]], image_shape: Sequence[int], *, title: Optional[str] = None,
                          row_height: float = 1.3):

@@ -666,8 +666,9 @@ class TrustRegion(torch.optim.Optimizer):
         if active is not None:
             diff = diff.index_select(0, active)
         dual = 1.0 if ellipsoid is None else 1.0 / ellipsoid  # ||v||^2 in the metric A^{-1}, the gradient's
-        noise_var = float(torch.sum(dual * diff * diff)) / (1.0 / fraction - 1.0)
-        grad_sq = float(torch.sum(dual * model_grad * model_grad))
+        noise_sum, grad_sq = torch.stack([torch.sum(dual * diff * diff), torch.sum(dual * model_grad * model_grad)]
+                                         ).tolist()  # one read
+        noise_var = noise_sum / (1.0 / fraction - 1.0)
         return dict(noise=noise_var / grad_sq if grad_sq > 0 else math.inf, noise_var=noise_var, grad_sq=grad_sq)
 
     def _refuse_grad_scaler(self) -> None:
@@ -922,7 +923,7 @@ class TrustRegion(torch.optim.Optimizer):
         st.update({c: t.radius, "initial_" + c: group[c]}, steps=st["steps"] + 1, norm_state=norm_state,
                   generator=generator.get_state(),
                   last={c: radius} | dict(rho=t.rho, accepted=t.accepted, loss=loss_value,
-                            trial_loss=t.trial_loss, model_decrease=float(result.model_decrease),
+                            trial_loss=t.trial_loss, model_decrease=t.model_decrease,
                             iterations=result.iterations, on_boundary=result.on_boundary,
                             negative_curvature=result.negative_curvature, grad_norm=grad_norm,
                             hessian_fraction=fraction, status=result.status, **noise))

@@ -234,3 +234,18 @@ def test_minimize_arc_leaves_an_exact_saddle():
     assert res.success and res.fun == pytest.approx(-0.25) and any(h["saddle_step"] for h in res.history)
     with pytest.raises(ValueError, match="sigma"):
         trlib.minimize(f, torch.zeros(2, dtype=torch.float64), method="arc", sigma=0.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_arc_on_the_gpu_takes_the_cpus_steps():
+    runs = []
+    for device in ("cpu", "cuda"):
+        model, x, y = _problem()
+        model, x, y = model.double().to(device), x.double().to(device), y.to(device)
+        opt = trlib.ARC(model.parameters(), norm="rms")
+        losses = _train(model, opt, x, y, 5)
+        runs.append((losses, opt.sigma, [p.detach().cpu() for p in model.parameters()]))
+    (l0, s0, p0), (l1, s1, p1) = runs
+    assert l0 == pytest.approx(l1, rel=1e-8) and s0 == pytest.approx(s1, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(p0, p1))

@@ -194,7 +194,7 @@ def test_a_saddle_is_left_along_negative_curvature():
     (dict(sigma=0.0), "sigma"), (dict(sigma=float("nan")), "sigma"), (dict(min_sigma=-1.0), "min_sigma"),
     (dict(method="cg"), "method"), (dict(eta1=2.0), "eta1"), (dict(decrease=0.5), "decrease"),
     (dict(krylov_tol=1.0), "krylov_tol"), (dict(max_krylov=0), "max_krylov"), (dict(hvp="x"), "hvp"),
-    (dict(lr=-1.0), "lr"), (dict(norm="fisher"), "per-sample"),
+    (dict(lr=-1.0), "lr"),
 ])
 def test_invalid_hyperparameters_raise_value_error_naming_them(kwargs, match):
     model, _, _ = _problem()
@@ -234,3 +234,18 @@ def test_minimize_arc_leaves_an_exact_saddle():
     assert res.success and res.fun == pytest.approx(-0.25) and any(h["saddle_step"] for h in res.history)
     with pytest.raises(ValueError, match="sigma"):
         trlib.minimize(f, torch.zeros(2, dtype=torch.float64), method="arc", sigma=0.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_arc_on_the_gpu_takes_the_cpus_steps():
+    runs = []
+    for device in ("cpu", "cuda"):
+        model, x, y = _problem()
+        model, x, y = model.double().to(device), x.double().to(device), y.to(device)
+        opt = trlib.ARC(model.parameters(), norm="rms")
+        losses = _train(model, opt, x, y, 5)
+        runs.append((losses, opt.sigma, [p.detach().cpu() for p in model.parameters()]))
+    (l0, s0, p0), (l1, s1, p1) = runs
+    assert l0 == pytest.approx(l1, rel=1e-8) and s0 == pytest.approx(s1, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(p0, p1))

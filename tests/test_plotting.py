@@ -120,3 +120,37 @@ def test_errors_name_the_problem():
 
 def test_docstring_examples():
     assert doctest.testmod(plotting, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+# ----------------------------------------------------------------------------- autoencoder figures
+def test_reconstructions_draw_each_image_in_its_row():
+    rng = np.random.default_rng(0)
+    inputs, outputs = rng.random((4, 1, 3, 2)), rng.random((4, 6))
+    fig = plotting.plot_reconstructions([("inputs", inputs), ("outputs", outputs)], (3, 2), title="t")
+    axes = np.array(fig.axes).reshape(2, 4)
+    for row, images in zip(axes, (inputs, outputs)):
+        for ax, image in zip(row, images):
+            np.testing.assert_array_equal(ax.images[0].get_array(), image.reshape(3, 2))
+            assert ax.images[0].get_clim() == (0, 1)
+    assert [ax.get_title(loc="left") for ax in axes[:, 0]] == ["inputs", "outputs"]
+    with pytest.raises(ValueError, match="equally many"):
+        plotting.plot_reconstructions([("a", inputs), ("b", outputs[:3])], (3, 2))
+
+
+def test_tr_diagnostics_panels_hold_the_traces():
+    curvature = [dict(backprops=b, loss=5.0 - b, grad_norm=1.0 / (1 + b), lam_min=-0.1 * b) for b in (0, 1, 2)]
+    steps = [dict(backprops=1, accepted=True, on_boundary=True, length=0.5, share=[0.25, 0.75]),
+             dict(backprops=2, accepted=True, on_boundary=False, length=0.1, share=[0.5, 0.5]),
+             dict(backprops=3, accepted=False, on_boundary=True, length=0.0, share=None)]
+    fig = plotting.plot_tr_diagnostics({"tr_rms": dict(curvature=curvature, steps=steps)}, ["enc1", "dec1"],
+                                       reference=4.5)
+    loss, grad, lam, lengths, shares = fig.axes
+    np.testing.assert_allclose(loss.lines[0].get_ydata(), [5.0, 4.0, 3.0])
+    assert loss.lines[-1].get_ydata()[0] == 4.5  # the reference line
+    np.testing.assert_allclose(lam.lines[0].get_ydata(), [0.0, -0.1, -0.2])
+    assert grad.get_yscale() == "log" and lengths.get_yscale() == "log"
+    filled, hollow = lengths.collections  # the rejected step is not drawn
+    np.testing.assert_allclose(filled.get_offsets(), [[1, 0.5]])
+    np.testing.assert_allclose(hollow.get_offsets(), [[2, 0.1]])
+    np.testing.assert_allclose([p.get_height() for p in shares.patches], [0.375, 0.625])  # mean over accepted steps
+    assert [t.get_text() for t in shares.get_xticklabels()] == ["enc1", "dec1"]

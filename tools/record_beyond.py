@@ -17,6 +17,7 @@ recording leaves every variant with the same seeds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -46,13 +47,13 @@ VARIANTS = {
 }
 
 
-def record(variant: str, seed: int) -> str:
+def record(variant: str, seed: int, out: Path = OUT, budget: str = BUDGET) -> str:
     """Train (or resume, or return as finished) one variant from one seed; a one-line summary."""
     from trlib.experiments import run
 
     method, settings = VARIANTS[variant]
     started = time.perf_counter()
-    log = run(TASK, method, seed, BUDGET, out=OUT / variant, data="real", threads=1, progress=False,
+    log = run(TASK, method, seed, budget, out=out / variant, data="real", threads=1, progress=False,
               verbose=False, overrides={"eval_every": EVAL_EVERY, **settings})
     last = log[-1]
     return (f"{variant:22s} seed {seed}: {last['epoch']:.1f} epochs, training loss {last['train_loss']:.4f}, "
@@ -65,23 +66,26 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--list", action="store_true", help="print the runs and stop")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of the variants' folders (default: the book's)")
+    parser.add_argument("--budget", default=BUDGET, help=f"per run (default {BUDGET}; the book's runs use the default)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    todo = [(variant, seed) for seed in SEEDS for variant in args.variants]
+    todo = [(variant, seed) for seed in args.seeds for variant in args.variants]
     if args.list:
         for variant, seed in todo:
             method, settings = VARIANTS[variant]
             sets = " ".join(f"{k}={v}" for k, v in {"eval_every": EVAL_EVERY, **settings}.items())
-            print(f"python -m trlib.experiments run --task {TASK} --method {method} --seeds {seed} --budget {BUDGET} "
-                  f"--data real --set {sets} --out {OUT.relative_to(ROOT) / variant}")
+            print(f"python -m trlib.experiments run --task {TASK} --method {method} --seeds {seed} --budget {args.budget} "
+                  f"--data real --set {sets} --out {os.path.relpath(args.out / variant)}")
         return
     if args.jobs == 1:
         for variant, seed in todo:
-            print(record(variant, seed), flush=True)
+            print(record(variant, seed, args.out, args.budget), flush=True)
         return
     with ProcessPoolExecutor(args.jobs) as pool:
-        for done in as_completed([pool.submit(record, v, s) for v, s in todo]):
+        for done in as_completed([pool.submit(record, v, s, args.out, args.budget) for v, s in todo]):
             print(done.result(), flush=True)
 
 

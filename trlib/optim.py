@@ -45,6 +45,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Callable, Dict, List, Optional, Union
 
@@ -52,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from . import curvature, norms
-from .curvature import NonFiniteCurvatureError
+from .curvature import FlatView, NonFiniteCurvatureError, Operator
 from .cubic import CUBIC_METHODS, CubicSolver
 from .region import RadiusRule, SigmaRule, iterate
 from .subproblem import METHODS, Cauchy, get_solver
@@ -72,6 +73,16 @@ _FALLBACK = {"decrease": 1.5}
 _HVP_MODES = ("double_backward", "forward_over_reverse")
 #: The options a parameter group may set for itself; every other one is optimizer-wide.
 _PER_GROUP = {"lr": 1.0, "weight_decay": 0.0}
+
+
+def _takes_no_arguments(fn) -> bool:
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): let the call tell
+        return True
+    return True
 
 
 class NonFiniteLossError(FloatingPointError, ValueError):
@@ -239,7 +250,8 @@ class TrustRegion(torch.optim.Optimizer):
             or float64 tensors on one device, each given once. Parameters with
             ``requires_grad=False`` are left alone (do not switch it after the first step).
         norm: the region's shape: ``"uniform"`` (sphere), ``"adagrad"``, ``"rms"`` (the
-            paper's), ``"adam"``, or a :class:`trlib.norms.Norm` (recorded by its ``name``).
+            paper's), ``"adam"``, ``"hutchinson"`` (spends products), ``"fisher"`` (needs
+            :meth:`step`'s ``per_sample_grads``), or a :class:`trlib.norms.Norm` (recorded by its ``name``).
         radius: initial radius :math:`\Delta_0`. Default (None): the length
             :math:`\|\tilde g\|^3 / \tilde g^\top \tilde H \tilde g` of the first Cauchy step
             in the region's norm (one extra Hessian-vector product, once), which scales with
@@ -306,10 +318,6 @@ class TrustRegion(torch.optim.Optimizer):
                  module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0,
                  distributed: bool = False, process_group=None, lr: float = 1.0, weight_decay: float = 0.0):
         shape = norms.get_norm(norm, beta=beta, eps=eps)
-        if getattr(shape, "uses_per_sample_gradients", False):
-            raise ValueError(f"Invalid norm: {shape.name!r} needs per-sample gradients, which a closure that returns "
-                             "the batch's loss does not give; TrustRegion supports norms of the gradient (and of "
-                             "Hessian-vector products)")
         if decrease is None:
             decrease = DEFAULTS.get(shape.name, _FALLBACK)["decrease"]
         defaults = dict(norm=shape.name, radius=None if radius is None else float(radius), max_radius=max_radius,
@@ -524,11 +532,13 @@ class TrustRegion(torch.optim.Optimizer):
         return tensor.div_(torch.distributed.get_world_size(self.process_group))
 
     # ------------------------------------------------------------------ the three phases
-    def _evaluate(self, closure, group, params, counts, steps, replay, hessian_closure, fraction):
+    def _evaluate(self, closure, group, params, counts, steps, replay, hessian_closure, fraction,
+                  curvature_fn=None):
         """Loss, gradient (averaged over processes), the counted curvature operator (of the
-        ``hessian_closure``'s batch when there is one, each product weighing ``fraction``) and that
-        batch's gradient (None without one, or when the products need no gradient graph)."""
-        double_backward = group["hvp"] == "double_backward"
+        ``hessian_closure``'s batch when there is one, or ``curvature_fn``'s, each product weighing
+        ``fraction``) and that batch's gradient (None without one, or when the products need no
+        gradient graph)."""
+        double_backward = group["hvp"] == "double_backward" and curvature_fn is None
         backward_called = []
         hooks = [p.register_post_accumulate_grad_hook(lambda _: backward_called.append(True)) for p in params]
         try:
@@ -564,7 +574,15 @@ class TrustRegion(torch.optim.Optimizer):
                     grad_graph = curvature.flat_grad(sub_loss, params, create_graph=True)
                 counts["gradient"] += fraction
                 sub_grad = self._mean(grad_graph.detach())
-        if double_backward:
+        if curvature_fn is not None:  # the caller's curvature (GGN, ...): its setup is a forward pass on its batch
+            with torch.enable_grad(), _frozen_running_stats(self.module):
+                op = replay.again(curvature_fn)
+            counts["forward"] += fraction
+            if not (callable(op) or isinstance(op, Tensor)):
+                raise ValueError(f"Invalid curvature: it must return an operator v -> G v (a callable, a "
+                                 f"trlib.curvature.Operator or a square tensor), got {type(op).__name__}")
+            op = curvature.as_operator(op, grad)
+        elif double_backward:
             op = curvature.hvp_double_backward(grad_graph, params)
         else:
             raw = curvature.hvp_forward_over_reverse(curvature.functional_loss(curvature_closure, self.module, params),
@@ -580,15 +598,20 @@ class TrustRegion(torch.optim.Optimizer):
             op = curvature.Operator(lambda v: self._mean(local(v)), op.size, dtype=op.dtype, device=op.device)
         return loss, loss_value, grad, curvature.as_operator(op, grad).counted(counts, "hvp", fraction), sub_grad
 
-    def _region(self, group, st, grad, op, active, lr):
+    def _update_norm(self, norm_state, grad, op, per_sample):
+        """The norm's update with what it needs: the gradient, and the products or per-sample gradients."""
+        if getattr(self.norm, "uses_curvature", False):
+            return self.norm.update(norm_state, grad, hvp=op)
+        if getattr(self.norm, "uses_per_sample_gradients", False):
+            return self.norm.update(norm_state, grad, per_sample_grads=per_sample)
+        return self.norm.update(norm_state, grad)
+
+    def _region(self, group, st, grad, op, active, lr, per_sample=None):
         """The ellipsoid (on a copy of the norm's state), the model's gradient and operator on the
         coordinates that move (``active``; None: all), scaled by ``lr``, and the radius; the state
         itself changes only once the step is done."""
         norm_state = {k: v.clone() for k, v in st["norm_state"].items()}
-        if getattr(self.norm, "uses_curvature", False):
-            ellipsoid = self.norm.update(norm_state, grad, hvp=op)
-        else:
-            ellipsoid = self.norm.update(norm_state, grad)
+        ellipsoid = self._update_norm(norm_state, grad, op, per_sample)
         if active is not None:  # frozen groups (lr = 0): the model lives on the other coordinates
             full, size = op, op.size
 
@@ -643,8 +666,9 @@ class TrustRegion(torch.optim.Optimizer):
         if active is not None:
             diff = diff.index_select(0, active)
         dual = 1.0 if ellipsoid is None else 1.0 / ellipsoid  # ||v||^2 in the metric A^{-1}, the gradient's
-        noise_var = float(torch.sum(dual * diff * diff)) / (1.0 / fraction - 1.0)
-        grad_sq = float(torch.sum(dual * model_grad * model_grad))
+        noise_sum, grad_sq = torch.stack([torch.sum(dual * diff * diff), torch.sum(dual * model_grad * model_grad)]
+                                         ).tolist()  # one read
+        noise_var = noise_sum / (1.0 / fraction - 1.0)
         return dict(noise=noise_var / grad_sq if grad_sq > 0 else math.inf, noise_var=noise_var, grad_sq=grad_sq)
 
     def _refuse_grad_scaler(self) -> None:
@@ -658,7 +682,8 @@ class TrustRegion(torch.optim.Optimizer):
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *,  # type: ignore[override]
              hessian_closure: Optional[Callable[[], Tensor]] = None, hessian_fraction: Optional[float] = None,
-             test_closure: Optional[Callable[[], Tensor]] = None) -> Tensor:
+             test_closure: Optional[Callable[[], Tensor]] = None, curvature: Optional[Callable[[], object]] = None,
+             per_sample_grads: Optional[Callable[[], Tensor]] = None) -> Tensor:
         r"""One iteration of Algorithm 1 on the closure's mini-batch.
 
         Args:
@@ -714,6 +739,21 @@ class TrustRegion(torch.optim.Optimizer):
                 :math:`\rho \approx 1 - \text{noise}` for short steps: near a point where the
                 gradient is mostly noise the radius shrinks, so it needs batches large enough
                 for the noise (benchmarks/STOCHASTIC_TR.md measures when it pays).
+            curvature: a function of no arguments returning an operator :math:`v \mapsto G v` (a
+                callable, a :class:`trlib.curvature.Operator` or a square tensor) used in the model
+                in place of the closure's Hessian, e.g. the generalised Gauss-Newton matrix
+                ``lambda: trlib.gauss_newton.ggn_operator(model, x, y, "cross_entropy")`` of the
+                batch (or of a sub-batch, with ``hessian_fraction`` its relative size). Called once,
+                from the closure's random state with BatchNorm's running statistics frozen; its setup
+                counts as one forward pass and each product as one ``"hvp"``, both weighing
+                ``hessian_fraction`` (default 1). The gradient then needs no graph for second
+                derivatives. Not with ``hessian_closure``. A positive semidefinite :math:`G` (GGN,
+                Fisher) never shows negative curvature: the step is then a damped Gauss-Newton step.
+            per_sample_grads: a function of no arguments returning the ``(B, n)`` per-sample
+                gradients of the closure's batch (:func:`trlib.gauss_newton.per_sample_gradients`;
+                ``n`` the parameters that require grad, in order): required by, and only by, norms
+                that use them (``norm="fisher"``). Counted as one gradient (a vectorised backward
+                over the batch). Not in data-parallel mode.
 
         Returns:
             The closure's loss at :math:`w_t`, before the step (detached; in data-parallel
@@ -730,18 +770,34 @@ class TrustRegion(torch.optim.Optimizer):
                 the optimizer's state are left as they were (the work spent is counted).
             ValueError: a closure that breaks the contract (none, ``backward()`` inside, a
                 detached or half-precision loss); a ``hessian_closure`` without its
-                ``hessian_fraction``; parameters one step cannot move (meta device, mixed devices
+                ``hessian_fraction``; both ``hessian_closure`` and ``curvature``; a per-sample norm
+                without ``per_sample_grads``, or these without such a norm; parameters one step cannot move (meta device, mixed devices
                 or dtypes, ``requires_grad`` changed); a call through ``GradScaler``.
         """
         self._refuse_grad_scaler()
         if closure is None or not callable(closure):
             raise ValueError("TrustRegion.step needs a closure that returns the mini-batch loss (no backward inside)")
-        for name, extra in (("hessian_closure", hessian_closure), ("test_closure", test_closure)):
+        for name, extra in (("hessian_closure", hessian_closure), ("test_closure", test_closure),
+                            ("curvature", curvature), ("per_sample_grads", per_sample_grads)):
             if extra is not None and not callable(extra):
-                raise ValueError(f"Invalid {name}: expected a function of no arguments returning a loss, got "
-                                 f"{type(extra).__name__}")
+                raise ValueError(f"Invalid {name}: expected a function of no arguments, got {type(extra).__name__}")
+        if curvature is not None and not _takes_no_arguments(curvature):
+            raise ValueError("Invalid curvature: expected a function of no arguments that returns the operator "
+                             "(e.g. lambda: trlib.gauss_newton.ggn_operator(model, x, y)), not the operator itself "
+                             "(it is built once per step, at the current weights)")
+        if curvature is not None and hessian_closure is not None:
+            raise ValueError("Invalid curvature: give either a hessian_closure (the Hessian of a sub-batch's loss) or a "
+                             "curvature operator, not both")
+        wants_samples = getattr(self.norm, "uses_per_sample_gradients", False)
+        if wants_samples != (per_sample_grads is not None):
+            raise ValueError(f"Invalid per_sample_grads: the {self.norm.name!r} norm needs per-sample gradients: pass "
+                             "step(closure, per_sample_grads=lambda: trlib.gauss_newton.per_sample_gradients(model, x, "
+                             "y))" if wants_samples else f"Invalid per_sample_grads: the {self.norm.name!r} norm does "
+                             "not use them")
+        if per_sample_grads is not None and self.distributed:
+            raise ValueError("Invalid per_sample_grads: not supported in data-parallel mode")
         fraction: Union[int, float] = 1  # an int without a sub-batch: whole-batch counts stay ints
-        if hessian_closure is not None:
+        if hessian_closure is not None or (curvature is not None and hessian_fraction is not None):
             if hessian_fraction is None:
                 raise ValueError("Invalid hessian_fraction: a hessian_closure needs hessian_fraction = the size of its "
                                  "batch / the size of the closure's (it weighs each product in counts)")
@@ -769,7 +825,7 @@ class TrustRegion(torch.optim.Optimizer):
         sizes = [sum(p.numel() for p in ps) for ps in by_group]
         lr = _per_coordinate([g["lr"] for g in self.param_groups], sizes, like)
         decay = _per_coordinate([g["weight_decay"] for g in self.param_groups], sizes, like)
-        view = curvature.FlatView(params)
+        view = FlatView(params)
         replay = _ReplayedRandomness(params)
 
         def penalty() -> float:  # sum over groups of weight_decay / 2 ||w||^2
@@ -780,7 +836,15 @@ class TrustRegion(torch.optim.Optimizer):
 
         with _explained_errors():
             loss, loss_value, grad, op, sub_grad = self._evaluate(closure, group, params, counts, st["steps"], replay,
-                                                                  hessian_closure, fraction)
+                                                                  hessian_closure, fraction, curvature)
+            per_sample = None
+            if per_sample_grads is not None:
+                with torch.enable_grad(), _frozen_running_stats(self.module):
+                    per_sample = replay.again(per_sample_grads)
+                counts["gradient"] += 1
+                if not isinstance(per_sample, Tensor) or per_sample.shape[1:] != (size,):
+                    raise ValueError(f"Invalid per_sample_grads: expected a (B, {size}) tensor, got "
+                                     f"{getattr(per_sample, 'shape', type(per_sample).__name__)}")
             with torch.no_grad():  # p.grad: the gradient of the loss step() returns
                 for p, g in zip(params, view.split(grad)):
                     if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
@@ -792,13 +856,12 @@ class TrustRegion(torch.optim.Optimizer):
                 loss_value += penalty()
                 grad = grad + decay * view.get()
                 plain = op
-                op = curvature.Operator(lambda v: plain(v) + decay * v, op.size, dtype=op.dtype, device=op.device,
+                op = Operator(lambda v: plain(v) + decay * v, op.size, dtype=op.dtype, device=op.device,
                                         checked=False)
             movable = [ps for ps, g in zip(by_group, self.param_groups) if g["lr"] > 0]
             if not any(movable):  # every lr is 0: nothing moves, the norm still sees the gradient
                 norm_state = {k: v.clone() for k, v in st["norm_state"].items()}
-                self.norm.update(norm_state, grad, **({"hvp": op} if getattr(self.norm, "uses_curvature", False)
-                                                      else {}))
+                self._update_norm(norm_state, grad, op, per_sample)
                 st.update(steps=st["steps"] + 1, norm_state=norm_state, last={self._control: st[self._control]} | dict(
                     rho=math.nan, accepted=False, loss=loss_value, trial_loss=math.nan,
                     model_decrease=0.0, iterations=0, on_boundary=False, negative_curvature=False,
@@ -810,7 +873,7 @@ class TrustRegion(torch.optim.Optimizer):
                 active = torch.cat([torch.arange(a, a + n, device=like.device)
                                     for a, n, g in zip(starts, sizes, self.param_groups) if n and g["lr"] > 0])
             norm_state, ellipsoid, model_grad, model_op, radius, cauchy, grad_norm = self._region(
-                group, st, grad, op, active, lr)
+                group, st, grad, op, active, lr, per_sample)
             noise = self._noise(sub_grad, noisy, model_grad, ellipsoid, active, fraction)
             reference = loss_value
             if test_closure is not None:  # the ratio test's loss at w_t, on the independent batch
@@ -822,7 +885,7 @@ class TrustRegion(torch.optim.Optimizer):
             solver = self._solver(group, rtol, generator, cauchy, model_grad, model_op, ellipsoid)
 
             moving_params = [p for ps in movable for p in ps]
-            moving_view = curvature.FlatView(moving_params)
+            moving_view = FlatView(moving_params)
             backup = getattr(self, "_backup", None)
             if backup is None or [b.shape for b in backup] != [p.shape for p in moving_params] or any(
                     b.device != p.device or b.dtype != p.dtype for b, p in zip(backup, moving_params)):
@@ -860,7 +923,7 @@ class TrustRegion(torch.optim.Optimizer):
         st.update({c: t.radius, "initial_" + c: group[c]}, steps=st["steps"] + 1, norm_state=norm_state,
                   generator=generator.get_state(),
                   last={c: radius} | dict(rho=t.rho, accepted=t.accepted, loss=loss_value,
-                            trial_loss=t.trial_loss, model_decrease=float(result.model_decrease),
+                            trial_loss=t.trial_loss, model_decrease=t.model_decrease,
                             iterations=result.iterations, on_boundary=result.on_boundary,
                             negative_curvature=result.negative_curvature, grad_norm=grad_norm,
                             hessian_fraction=fraction, status=result.status, **noise))
@@ -946,10 +1009,6 @@ class ARC(TrustRegion):
                  module: Optional[nn.Module] = None, seed: int = 0, distributed: bool = False, process_group=None,
                  lr: float = 1.0, weight_decay: float = 0.0):
         shape = norms.get_norm(norm, beta=beta, eps=eps)
-        if getattr(shape, "uses_per_sample_gradients", False):
-            raise ValueError(f"Invalid norm: {shape.name!r} needs per-sample gradients, which a closure that returns "
-                             "the batch's loss does not give; ARC supports norms of the gradient (and of "
-                             "Hessian-vector products)")
         if decrease is None:
             decrease = DEFAULTS.get(shape.name, _FALLBACK)["decrease"]
         defaults = dict(norm=shape.name, sigma=None if sigma is None else sigma, min_sigma=min_sigma,

@@ -26,7 +26,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["X_AXES", "Y_LABELS", "METHOD_LABELS", "method_style", "mean_band", "plot_curves",
-           "plot_comparison", "plot_budget_axes", "region_outline", "plot_contours"]
+           "plot_comparison", "plot_budget_axes", "region_outline", "plot_contours", "plot_reconstructions",
+           "plot_tr_diagnostics"]
 
 #: x axis name -> (record key, axis label)
 X_AXES = {
@@ -283,3 +284,103 @@ _COLORS.update({"tr_rms_full_hessian": "darkred", "tr_rms_hessian_1_8": "tab:red
                 "tr_adam": "tab:green", "tr_hutchinson": "tab:pink", "tr_fisher": "gold",
                 "tr_rms_safeguarded": "tab:brown", "tr_rms_ggn": "navy", "arc_rms": "black",
                 "adam_lr0.001": "teal"})
+
+# ----------------------------------------------------------------------------- chapter 5's authors' settings
+#: Runs with the authors' table (``preset="paper"``) shown next to the library's defaults are
+#: relabelled ``<method>_paper`` (chapter 5 of the course), so that the two never share a curve.
+METHOD_LABELS.update({f"{m}_paper": f"{METHOD_LABELS[m]}, authors' settings" for m in ("tr_uniform", "tr_adagrad", "tr_rms")})
+_COLORS.update({"tr_uniform_paper": "lightskyblue", "tr_adagrad_paper": "peru", "tr_rms_paper": "orchid"})
+
+
+# ----------------------------------------------------------------------------- autoencoders
+def plot_reconstructions(rows: Sequence[Tuple[str, Any]], image_shape: Sequence[int], *, title: Optional[str] = None,
+                         row_height: float = 1.3):
+    """The paper's Figure 12: one row of images per ``(label, images)`` in ``rows`` (the same
+    inputs reconstructed by several networks), drawn in grey on [0, 1] with the label above the
+    row. ``images`` is a tensor or array of equally many images of ``image_shape`` pixels
+    (e.g. ``(28, 28)``). Returns the figure.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> fig = plot_reconstructions([("inputs", np.zeros((3, 4))), ("outputs", np.ones((3, 4)))], (2, 2))
+    >>> len(fig.axes), fig.axes[0].get_title(loc="left")
+    (6, 'inputs')
+    """
+    import matplotlib.pyplot as plt
+
+    arrays = [np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, dtype=float)
+              for _, images in rows]
+    if not arrays or len({len(a) for a in arrays}) != 1 or len(arrays[0]) == 0:
+        raise ValueError("plot_reconstructions needs rows with equally many images (at least one)")
+    columns = len(arrays[0])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(columns, row_height * len(rows)), squeeze=False)
+    for r, ((label, _), images) in enumerate(zip(rows, arrays)):
+        for c in range(columns):
+            axes[r, c].imshow(images[c].reshape(tuple(image_shape)), cmap="gray_r", vmin=0, vmax=1)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_title(label, loc="left", fontsize=9)
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9 if title else 0.95, wspace=0.1, hspace=0.5)
+    return fig
+
+
+def plot_tr_diagnostics(traces: Dict[str, Dict[str, List[Dict[str, Any]]]], layers: Sequence[str], *,
+                        reference: Optional[float] = None, title: Optional[str] = None):
+    r"""What trust-region runs do on a plateau, one figure of five panels against backprops:
+    the loss and the gradient norm on a fixed set of samples, the Lanczos estimate
+    :math:`\theta \ge \lambda_{\min}` of the Hessian there, the Euclidean length of every accepted
+    step (filled: on the boundary of the region), and each layer's share of the squared step
+    length (mean over accepted steps).
+
+    ``traces``: method -> ``{"curvature": [...], "steps": [...]}`` with curvature entries
+    ``{"backprops", "loss", "grad_norm", "lam_min"}`` and step entries ``{"backprops",
+    "accepted", "on_boundary", "length", "share"}`` (``share``: one fraction per entry of
+    ``layers``, None for a rejected step). ``reference``: a loss drawn as a dotted line (e.g.
+    the mean image's). Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(16, 9))
+    grid = fig.add_gridspec(2, 6)
+    axes = [fig.add_subplot(grid[0, 0:2]), fig.add_subplot(grid[0, 2:4]), fig.add_subplot(grid[0, 4:6]),
+            fig.add_subplot(grid[1, 0:3]), fig.add_subplot(grid[1, 3:6])]
+    width = 0.8 / max(1, len(traces))
+    for k, (method, trace) in enumerate(traces.items()):
+        style, label = method_style(method), METHOD_LABELS.get(method, method)
+        curv = trace["curvature"]
+        bp = [c["backprops"] for c in curv]
+        axes[0].plot(bp, [c["loss"] for c in curv], marker="o", label=label, **style)
+        axes[1].semilogy(bp, [c["grad_norm"] for c in curv], marker="o", label=label, **style)
+        axes[2].plot(bp, [c["lam_min"] for c in curv], marker="o", label=label, **style)
+        steps = [t for t in trace["steps"] if t["accepted"]]
+        for on_boundary, fill in ((True, style["color"]), (False, "none")):
+            points = [(t["backprops"], t["length"]) for t in steps if t["on_boundary"] == on_boundary]
+            if points:
+                axes[3].scatter(*zip(*points), s=14, facecolors=fill, edgecolors=style["color"],
+                                label=f"{label}, {'on the boundary' if on_boundary else 'inside'}")
+        shares = [t["share"] for t in steps if t["share"] is not None]
+        if shares:
+            axes[4].bar(np.arange(len(layers)) + (k - (len(traces) - 1) / 2) * width, np.mean(shares, axis=0),
+                        width=width, color=style["color"], label=label)
+    if reference is not None:
+        axes[0].axhline(reference, color="black", linestyle=":", linewidth=1.2, label="mean image")
+    axes[2].axhline(0.0, color="black", linewidth=0.8)
+    labels = (("loss on the probe samples", "loss"), ("gradient norm", r"$\|\nabla \mathcal{L}\|$"),
+              (r"smallest Hessian eigenvalue (Lanczos $\theta$)", r"$\theta \geq \lambda_{\min}$"),
+              ("accepted steps", r"Euclidean step length $\|s_t\|_2$"),
+              ("share of the squared step per layer", r"fraction of $\|s_t\|^2$ (mean over steps)"))
+    for ax, (panel, ylabel) in zip(axes, labels):
+        ax.set_title(panel)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("backprops")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small")
+    if any(t["accepted"] for trace in traces.values() for t in trace["steps"]):
+        axes[3].set_yscale("log")
+    axes[4].set_xticks(np.arange(len(layers)), list(layers), rotation=30, fontsize="small")
+    axes[4].set_xlabel("layer")
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -151,7 +151,8 @@ class SigmaRule:
 class Trial:
     """What one iteration did: the subproblem ``result`` (``iterations``: all its products),
     ``rho``, ``accepted``, the ``radius`` for the next iteration, the ``trial_loss``, the
-    step's length in the region's norm and the Krylov tolerance it ended with."""
+    step's length in the region's norm, the Krylov tolerance it ended with and the model
+    decrease as a number."""
 
     result: SubproblemResult
     rho: float
@@ -160,6 +161,7 @@ class Trial:
     trial_loss: float
     step_norm: float
     rtol: float
+    model_decrease: float = math.nan
 
 
 def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[Tensor], float],
@@ -182,8 +184,12 @@ def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[
     result = solve(radius, rtol)
     products, scale = result.iterations, max(1.0, abs(loss))
     while True:
-        decrease = float(result.model_decrease)
-        finite = math.isfinite(decrease) and bool(torch.all(torch.isfinite(result.step)))
+        step = result.step
+        # the decrease, the step's finiteness and its length in one read (one synchronisation on a GPU)
+        decrease, finite_step, length = torch.stack([
+            torch.as_tensor(result.model_decrease, device=step.device).double().reshape(()),
+            torch.all(torch.isfinite(step)).double(), ellipsoid_norm(step, ellipsoid).double()]).tolist()
+        finite = math.isfinite(decrease) and bool(finite_step)
         inexact = finite and result.status in ("converged", "interior") and rtol * 1e-2 >= 1e-12
         trial_loss = math.nan
         if not (inexact and decrease <= 10.0 * eps * scale):  # below f's rounding level: not worth a trial
@@ -201,9 +207,9 @@ def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[
         if not math.isnan(trial_loss):
             undo()
         result = tighter
-    step_norm = float(ellipsoid_norm(result.step, ellipsoid)) if finite else math.inf
+    step_norm = length if finite else math.inf
     new_radius, accepted = rule.update(radius, rho, result.on_boundary, step_norm)
     if finite and not accepted:
         undo()
     result.iterations = products
-    return Trial(result, rho, accepted, new_radius, trial_loss, step_norm, rtol)
+    return Trial(result, rho, accepted, new_radius, trial_loss, step_norm, rtol, decrease)

@@ -218,22 +218,27 @@ class Solver:
         :class:`trlib.curvature.Operator`) and the ellipsoid (None: the sphere)."""
         if not isinstance(grad, Tensor) or grad.ndim != 1 or not grad.is_floating_point():
             raise ValueError("Invalid grad: expected a 1-D floating-point tensor")
-        if not bool(torch.all(torch.isfinite(grad))):
-            raise ValueError("Invalid grad: contains NaN or inf")
         op = as_operator(hvp, grad)
         self.scale = None
+        checks = [torch.all(torch.isfinite(grad))]
         if ellipsoid is not None:
             if not isinstance(ellipsoid, Tensor) or ellipsoid.shape != grad.shape:
                 raise ValueError(f"Invalid ellipsoid: expected a tensor of shape {tuple(grad.shape)}")
-            if not bool(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0))):
-                raise ValueError("Invalid ellipsoid: entries must be positive and finite")
+            checks.append(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0)))
             self.scale = ellipsoid.to(grad.dtype).rsqrt()  # u = A^{1/2} s, s = scale * u
             op = op.scaled(self.scale)
         self.spent = {"hvp": 0}
         self._reported = 0
         self.g = grad if self.scale is None else self.scale * grad
         self.op = op.counted(self.spent)
-        self.gnorm = float(torch.linalg.vector_norm(self.g))
+        # ||g~|| and the checks in one read (one host-device synchronisation on a GPU)
+        gnorm, *valid = torch.stack([torch.linalg.vector_norm(self.g).double()]
+                                    + [c.double() for c in checks]).tolist()
+        if not valid[0]:
+            raise ValueError("Invalid grad: contains NaN or inf")
+        if len(valid) > 1 and not valid[1]:
+            raise ValueError("Invalid ellipsoid: entries must be positive and finite")
+        self.gnorm = gnorm
         self.limit = self.max_iter or (10 if self.name == "cg" else 1) * grad.numel()
         self._setup()
         return self

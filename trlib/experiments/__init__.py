@@ -26,7 +26,8 @@ communicator), :mod:`~trlib.experiments.results` (files, summary table),
 :mod:`~trlib.experiments.sweep` (learning-rate sweeps), :mod:`~trlib.experiments.storage` (atomic writes).
 """
 
-from .configs import ADAM_GRID, FIRST_ORDER, METHODS, PRESETS, TR_METHODS, get_config, parse_overrides
+from .configs import (ADAM_GRID, ARC_METHODS, BEYOND_PAPER, FIRST_ORDER, METHODS, PRESETS, TR_METHODS, get_config,
+                      parse_overrides)
 from .results import Run, format_table, load_results, load_runs, mean_ci, read_run, summarize, write_run
 from .runner import (Budget, Monitor, Objective, SingleProcess, Trainer, TrainerState, evaluate, load_data,
                      parse_budget, run)
@@ -34,5 +35,5 @@ from .sweep import Sweep, final_loss, pick_rates, sweep
 
 __all__ = ["run", "load_results", "load_runs", "read_run", "summarize", "format_table", "mean_ci", "get_config",
            "parse_overrides", "parse_budget", "Budget", "Objective", "load_data", "evaluate", "write_run", "Run",
-           "Trainer", "TrainerState", "Monitor", "SingleProcess", "METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID",
-           "PRESETS", "sweep", "pick_rates", "final_loss", "Sweep"]
+           "Trainer", "TrainerState", "Monitor", "SingleProcess", "METHODS", "TR_METHODS", "ARC_METHODS",
+           "BEYOND_PAPER", "FIRST_ORDER", "ADAM_GRID", "PRESETS", "sweep", "pick_rates", "final_loss", "Sweep"]

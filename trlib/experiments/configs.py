@@ -46,6 +46,16 @@ Sources and choices (see the project notes, REFERENCE.md section 2):
   size), ``batch_rule`` (``"paper"``: grow the batch by ``batch_growth`` when the full training
   loss rose; ``"noise"``: grow it to ``noise_batch_scale`` times the gradient noise scale
   estimated from the Hessian sub-batch, never beyond ``batch_cap``).
+* Beyond the paper (chapter 8; :data:`BEYOND_PAPER`): ``tr_adam``, ``tr_hutchinson`` and ``tr_fisher``
+  are ``tr_rms`` with another ellipsoid (:mod:`trlib.norms`; the table's RMS column for the radius
+  and shrink factor; ``tr_fisher`` gets the per-sample gradients of its batch from the runner);
+  ``arc_rms`` is adaptive cubic regularisation (:class:`trlib.ARC`) with the RMS norm, the same
+  table with ``sigma`` (automatic: None), ``min_sigma`` and ``subproblem="lanczos"`` in place of the
+  radius settings (``increase`` divides sigma after a very successful step, ``decrease`` multiplies it
+  after a rejection); ``tr_rms_ggn`` and ``arc_rms_ggn`` use generalised Gauss-Newton products
+  (:func:`trlib.gauss_newton.ggn_operator`) in place of Hessian-vector products. These methods have
+  the setting ``curvature`` (``"hessian"`` or ``"ggn"``, ``--set curvature=ggn``), and the library's
+  defaults (products on 1/8 of the batch, MLP batch 256) like the TR methods.
 * First-order baselines on the real Fashion-MNIST tasks use the learning rates of a sweep on
   that data (:data:`TUNED_LR`, with where each value comes from); the authors' rates stay in the
   ``"paper"`` preset.
@@ -71,15 +81,23 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..models import TASKS, get_task
 
-__all__ = ["METHODS", "TR_METHODS", "FIRST_ORDER", "ADAM_GRID", "ADAM_TUNING", "PRESETS", "RECOMMENDED",
+__all__ = ["METHODS", "TR_METHODS", "ARC_METHODS", "BEYOND_PAPER", "FIRST_ORDER", "ADAM_GRID", "ADAM_TUNING", "PRESETS", "RECOMMENDED",
            "TUNED_LR", "get_config", "parse_overrides"]
 
-#: TR methods -> the norm of :class:`trlib.TrustRegion`.
-TR_METHODS = {"tr_uniform": "uniform", "tr_adagrad": "adagrad", "tr_rms": "rms"}
+#: TR methods -> the norm of :class:`trlib.TrustRegion`: the paper's three, then the additions of
+#: chapter 8 (more ellipsoids, and Gauss-Newton curvature: ``tr_rms_ggn``).
+TR_METHODS = {"tr_uniform": "uniform", "tr_adagrad": "adagrad", "tr_rms": "rms", "tr_adam": "adam",
+              "tr_hutchinson": "hutchinson", "tr_fisher": "fisher", "tr_rms_ggn": "rms"}
+#: Adaptive cubic regularisation (:class:`trlib.ARC`) -> its norm.
+ARC_METHODS = {"arc_rms": "rms", "arc_rms_ggn": "rms"}
 #: First-order baselines -> the torch.optim class name.
 FIRST_ORDER = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam"}
-#: Every method the runner trains: the TR methods, then the first-order baselines.
-METHODS = tuple(TR_METHODS) + tuple(FIRST_ORDER)
+#: Every method the runner trains: the TR methods, ARC, then the first-order baselines.
+METHODS = tuple(TR_METHODS) + tuple(ARC_METHODS) + tuple(FIRST_ORDER)
+#: The methods beyond the paper's table, with the setting ``curvature`` (``"hessian"`` or ``"ggn"``).
+#: The paper's methods have no such setting (their stored configurations stay as recorded).
+BEYOND_PAPER = {"tr_adam": "hessian", "tr_hutchinson": "hessian", "tr_fisher": "hessian", "tr_rms_ggn": "ggn",
+                "arc_rms": "hessian", "arc_rms_ggn": "ggn"}
 
 _NORM_INDEX = {"uniform": 0, "adagrad": 1, "rms": 2}
 
@@ -135,10 +153,10 @@ def family(task: str) -> str:
 
 def _authors(task: str, method: str) -> Dict[str, Any]:
     """The settings of ``method`` on ``task`` from the authors' table (the ``"paper"`` preset)."""
-    if method in TR_METHODS:
-        norm = TR_METHODS[method]
+    if method in TR_METHODS or method in ARC_METHODS:
+        norm = TR_METHODS.get(method) or ARC_METHODS[method]
         radius, decrease, eta1, eta2, batch, growth, cap, warmup = _TR_TABLE[task]
-        i = _NORM_INDEX[norm]
+        i = _NORM_INDEX.get(norm, _NORM_INDEX["rms"])  # norms beyond the table: the RMS column
         cfg = dict(kind="tr", norm=norm, radius=radius[i], decrease=decrease[i], increase=1.1, eta1=eta1,
                    eta2=eta2, max_radius=10.0, krylov_tol=0.1, max_krylov=50, subproblem="cg",
                    batch_size=batch, batch_growth=growth, batch_cap=cap, check_every=1,
@@ -146,6 +164,11 @@ def _authors(task: str, method: str) -> Dict[str, Any]:
                    warmup_epochs=warmup[2] if warmup else 0, warmup_batch_size=128,
                    hessian_batch=1.0, acceptance="own", batch_rule="paper", noise_batch_scale=1.0)
         cfg.update(_TR_EXTRA.get(task, {}))
+        if method in ARC_METHODS:  # the same table, with sigma in place of the radius (automatic: no paper value)
+            del cfg["radius"], cfg["max_radius"]
+            cfg.update(kind="arc", sigma=None, min_sigma=1e-8, subproblem="lanczos")
+        if method in BEYOND_PAPER:
+            cfg["curvature"] = BEYOND_PAPER[method]
         return cfg
     return dict(kind="first_order", optimizer=FIRST_ORDER[method], lr=_FIRST_ORDER_LR[family(task)][method],
                 batch_size=128)
@@ -173,8 +196,9 @@ TUNED_LR: Dict[str, Dict[str, Tuple[float, str]]] = {
 
 def _recommended(task: str, method: str) -> Dict[str, Any]:
     """The library's defaults on top of the authors' table."""
-    if method in TR_METHODS:
-        return {**RECOMMENDED["all"], **RECOMMENDED.get(family(task), {})}
+    if method in TR_METHODS or method in ARC_METHODS:
+        settings = {**RECOMMENDED["all"], **RECOMMENDED.get(family(task), {})}
+        return {k: v for k, v in settings.items() if not (k == "radius" and method in ARC_METHODS)}
     tuned = TUNED_LR.get(task, {}).get(method)
     return {} if tuned is None else {"lr": tuned[0]}
 
@@ -270,7 +294,7 @@ def _validate(cfg: Dict[str, Any]) -> None:
     for key in ("batch_size", "eval_batch_size", "warmup_batch_size", "check_every", "max_krylov"):
         if key in cfg and not (isinstance(cfg[key], int) and cfg[key] >= 1):
             raise ValueError(f"setting {key!r} must be a positive int, got {cfg[key]!r}")
-    for key in ("lr", "radius", "eval_every", "batch_growth", "batch_cap", "warmup_lr"):
+    for key in ("lr", "radius", "sigma", "min_sigma", "eval_every", "batch_growth", "batch_cap", "warmup_lr"):
         if cfg.get(key) is not None and not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):
             raise ValueError(f"setting {key!r} must be a positive number, got {cfg[key]!r}")
     if "hessian_batch" in cfg:
@@ -286,6 +310,11 @@ def _validate(cfg: Dict[str, Any]) -> None:
                              "set hessian_batch below the whole batch (e.g. 0.125)")
         if not (isinstance(cfg["noise_batch_scale"], float) and 0 < cfg["noise_batch_scale"] < math.inf):
             raise ValueError(f"setting 'noise_batch_scale' must be a positive number, got {cfg['noise_batch_scale']!r}")
+    if cfg.get("curvature", "hessian") not in ("hessian", "ggn"):
+        raise ValueError(f"setting 'curvature' must be 'hessian' or 'ggn', got {cfg['curvature']!r}")
+    if cfg.get("curvature") == "ggn" and cfg.get("batch_rule") == "noise":
+        raise ValueError("setting batch_rule='noise' needs the Hessian sub-batch's gradient, which GGN products do "
+                         "not form: use batch_rule='paper' with curvature='ggn'")
     if cfg.get("batch_growth", 1.0) < 1.0:
         raise ValueError(f"setting 'batch_growth' must be >= 1, got {cfg['batch_growth']!r}")
     if cfg.get("warmup_epochs", 0) and cfg.get("warmup_method") not in FIRST_ORDER:

@@ -85,7 +85,8 @@ import torch.nn.functional as F
 from .. import __version__
 from ..data import DatasetUnavailableError, dataset_info, load_dataset, load_stand_in, stand_in, subset as subset_of
 from ..models import build_model, get_task
-from ..optim import NonFiniteCurvatureError, NonFiniteLossError, TrustRegion
+from ..gauss_newton import ggn_operator, per_sample_gradients
+from ..optim import ARC, NonFiniteCurvatureError, NonFiniteLossError, TrustRegion
 from .configs import FIRST_ORDER, get_config
 from .distributed import load_data_on_rank0_first
 from .results import RunFileError, read_run, write_run
@@ -354,9 +355,11 @@ class Monitor:
       ``trainer`` is the :class:`Trainer`: ``trainer.model``, ``trainer.opt`` (the current
       phase's optimizer: its ``last`` and ``ellipsoid`` for a :class:`~trlib.TrustRegion`),
       ``trainer.batch`` (the indices of the step's mini-batch in ``trainer.train``),
-      ``trainer.objective`` and ``trainer.state``.
+      ``trainer.objective`` and ``trainer.state``. After the step that ends a warm-up,
+      ``trainer.opt`` is already the next phase's optimizer (``trainer.state.phase`` says which),
+      and a :class:`~trlib.TrustRegion` before its first step has an empty ``last``.
     * What a monitor does is no work: it runs outside the clock and the counters, and under
-      :func:`torch.random.fork_rng`, so a run's log is the same with and without it. It must
+      ``torch.random.fork_rng``, so a run's log is the same with and without it. It must
       leave the weights as it found them. It runs on every process of a distributed run.
     * An exception raised in it interrupts the run as in ``on_step`` (a KeyboardInterrupt
       writes a checkpoint first).
@@ -398,7 +401,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(seed)  # data order, on the CPU on every device
         self.test_gen = torch.Generator().manual_seed(2**31 + seed)  # the independent test batches
         self.n = len(train)
-        self.tr = cfg["kind"] == "tr"
+        self.tr = cfg["kind"] in ("tr", "arc")
         warm = self.tr and cfg["warmup_epochs"] > 0
         self.state = TrainerState(phase="warmup" if warm else "main",
                                   batch_size=min(cfg["warmup_batch_size"] if warm else cfg["batch_size"], self.n))
@@ -412,6 +415,11 @@ class Trainer:
             return _first_order(cfg["warmup_method"], params, cfg["warmup_lr"])
         if not self.tr:
             return _first_order(cfg["method"], params, cfg["lr"])
+        if cfg["kind"] == "arc":
+            return ARC(params, norm=cfg["norm"], sigma=cfg["sigma"], min_sigma=cfg["min_sigma"], eta1=cfg["eta1"],
+                       eta2=cfg["eta2"], increase=cfg["increase"], decrease=cfg["decrease"], method=cfg["subproblem"],
+                       krylov_tol=cfg["krylov_tol"], max_krylov=cfg["max_krylov"], module=self.model, seed=self.seed,
+                       **self.comm.trust_region_options)
         return TrustRegion(params, norm=cfg["norm"], radius=cfg["radius"], max_radius=cfg["max_radius"],
                            eta1=cfg["eta1"], eta2=cfg["eta2"], increase=cfg["increase"], decrease=cfg["decrease"],
                            method=cfg["subproblem"], krylov_tol=cfg["krylov_tol"], max_krylov=cfg["max_krylov"],
@@ -426,6 +434,31 @@ class Trainer:
         target, objective = self.objective.target(xb, yb), self.objective
         per_process = len(idx) / self.comm.world_size
         return lambda: objective.data_sum(self.model(xb), target) / per_process + objective.penalty()
+
+    def _local_batch(self, idx: torch.Tensor):
+        local = self.comm.shard(idx)
+        xb = self.train.x[local]
+        return xb, self.objective.target(xb, self.train.y[local]), len(idx) / self.comm.world_size
+
+    def ggn_closure(self, idx: torch.Tensor):
+        r"""``step``'s ``curvature`` for the batch ``idx``: the generalised Gauss-Newton matrix of the
+        objective (the data term's :math:`J^\top H_L J`, scaled as :meth:`closure` scales it, plus the
+        L2 term's :math:`2\,\mathrm{l2}\,I`)."""
+        xb, target, per_process = self._local_batch(idx)
+        loss = "cross_entropy" if self.objective.classification else "mse"
+        l2 = 2.0 * self.objective.l2
+
+        def build():
+            data = ggn_operator(self.model, xb, target, loss, reduction="sum")
+            return lambda v: data(v) / per_process + l2 * v
+
+        return build
+
+    def per_sample_closure(self, idx: torch.Tensor):
+        """``step``'s ``per_sample_grads`` for the batch ``idx``: each sample's data-term gradient."""
+        xb, target, _ = self._local_batch(idx)
+        loss = "cross_entropy" if self.objective.classification else (lambda out, t: (out - t).pow(2).sum())
+        return lambda: per_sample_gradients(self.model, xb, target, loss)
 
     def evaluate(self, data):
         return evaluate(self.model, self.objective, data, self.cfg["eval_batch_size"], self.comm)
@@ -496,8 +529,14 @@ class Trainer:
         cfg, extras = self.cfg, {}
         h = cfg["hessian_batch"]
         size = min(h, len(idx)) if isinstance(h, int) else max(1, round(h * len(idx)))
-        if size < len(idx):  # the head of a shuffled batch: a uniformly random part of it
+        if cfg.get("curvature", "hessian") == "ggn":
+            extras["curvature"] = self.ggn_closure(idx[:size])
+            if size < len(idx):
+                extras["hessian_fraction"] = size / len(idx)
+        elif size < len(idx):  # the head of a shuffled batch: a uniformly random part of it
             extras.update(hessian_closure=self.closure(idx[:size]), hessian_fraction=size / len(idx))
+        if getattr(self.opt.norm, "uses_per_sample_gradients", False):
+            extras["per_sample_grads"] = self.per_sample_closure(idx)
         if cfg["acceptance"] == "independent":
             test = torch.randint(0, self.n, (len(idx),), generator=self.test_gen).to(self.device)
             extras["test_closure"] = self.closure(test)
@@ -560,6 +599,8 @@ class Trainer:
                    train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
                    phase=s.phase, batch_size=s.batch_size, radius=self.opt.radius if tr else None,
                    lr=None if tr else self.opt.param_groups[0]["lr"])
+        if isinstance(self.opt, ARC):  # ARC has no radius: its regularisation weight
+            rec["sigma"] = self.opt.sigma
         s.log.append(rec)
         if not math.isfinite(train_loss):
             s.status = "diverged"

@@ -42,8 +42,8 @@ VARIANTS = {
     "adam": ("adam", {}),
     "tr_rms_full_hessian": ("tr_rms", {"hessian_batch": 1.0}),
     "tr_rms_hessian_1_32": ("tr_rms", {"hessian_batch": 0.03125}),
-    "tr_adam": ("tr_rms", {"norm": "adam"}),
-    "tr_hutchinson": ("tr_rms", {"norm": "hutchinson"}),
+    "tr_adam": ("tr_adam", {}),
+    "tr_hutchinson": ("tr_hutchinson", {}),
 }
 
 

@@ -958,7 +958,7 @@ class ARC(TrustRegion):
     (:math:`\rho_t \ge \eta_2`, floored at ``min_sigma``), multiplied by ``decrease`` after a
     rejection (Cartis, Gould & Toint 2011, Algorithm 2.1; the stochastic analysis with
     sub-sampled Hessians is Kohler & Lucchi 2017). Everything else is :class:`TrustRegion`'s,
-    shared rather than copied: the closure contract and :meth:`step`'s options
+    shared rather than copied: the closure contract and :meth:`TrustRegion.step`'s options
     (``hessian_closure`` for sub-sampled curvature, ``test_closure``), the counted curvature,
     the norms, the iteration (:func:`trlib.region.iterate`), ``counts``/``backprops``/``last``
     (with ``"sigma"`` in place of ``"radius"``), ``state_dict`` round trips, parameter groups,
@@ -966,9 +966,9 @@ class ARC(TrustRegion):
     larger :math:`\sigma` needs a longer Krylov basis.
 
     Args:
-        params, norm, beta, eps, gtol, hvp, module, seed, distributed, process_group, lr,
-            weight_decay: as for :class:`TrustRegion` (``lr`` scales the norm:
-            :math:`\|D^{-1}s\|_A` in the cubic term).
+        params: and ``norm``, ``beta``, ``eps``, ``gtol``, ``hvp``, ``module``, ``seed``,
+            ``distributed``, ``process_group``, ``lr``, ``weight_decay``: as for
+            :class:`TrustRegion` (``lr`` scales the norm: :math:`\|D^{-1}s\|_A` in the cubic term).
         sigma: initial weight :math:`\sigma_0`. Default (None): :math:`\|\tilde g\|/\ell^2`
             with :math:`\ell` the length of the first Cauchy step in the region's norm (one
             product, once): the weight whose cubic term alone would stop a step along
@@ -983,11 +983,11 @@ class ARC(TrustRegion):
             :math:`\min(\text{krylov\_tol}, \sqrt{\|g\|})\min(1, \|u\|)\|\tilde g\|` (the TC.s
             rule), or after ``max_krylov`` products.
 
-    Attributes: ``sigma`` (for the next step), ``counts``, ``backprops``, ``last``, ``ellipsoid``;
-    ``radius`` is None (ARC has none).
+    Its attributes are ``sigma`` (for the next step), ``counts``, ``backprops``, ``last`` and
+    ``ellipsoid``; ``radius`` is None (ARC has none).
 
-    Example
-    -------
+    Example: ARC fits a least-squares model to the optimum.
+
     >>> import torch, trlib
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Linear(3, 1)

@@ -181,10 +181,11 @@ RECOMMENDED: Dict[str, Dict[str, Any]] = {
     "mlp": {"batch_size": 256},
 }
 
+_SWEPT = "the lowest mean final training loss of the sweep in book/results/{}/lr_sweep.json"
+
 #: Learning rates of the first-order baselines tuned by a sweep on the real data of a task:
 #: ``task -> method -> (rate, where it comes from)``. A test checks them against the recorded
 #: sweeps; ``tools/record_fashion_mnist.py --stage sweep`` reruns them.
-_SWEPT = "the lowest mean final training loss of the sweep in book/results/{}/lr_sweep.json"
 TUNED_LR: Dict[str, Dict[str, Tuple[float, str]]] = {
     task: {method: (lr, _SWEPT.format(task)) for method, lr in rates.items()}
     for task, rates in {

@@ -441,8 +441,18 @@ def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path):
         except OSError:
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    # A signal that lands inside a third-party import can be swallowed by its bare ``except``
+    # (seen under load): the user presses Ctrl-C again, so does the test, a few times.
+    for _ in range(6):
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        proc.kill()
+        out, err = proc.communicate()
     assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in err and "interrupted" in err
     # a starved test process may signal after start-up: then the runner's own message, which
     # keeps the run (the long budget guarantees the run is still going); at start-up, no file

@@ -1,0 +1,150 @@
+r"""Milliseconds per step of TR-RMS, TR-RMS with GGN products and Adam on the Fashion-MNIST MLP, side by side.
+
+Issue 13's CPU bar is seconds to an accuracy; this script isolates one factor of it, the wall
+time of one optimizer step, on the runner's configuration of ``fashion_mnist_mlp`` (784-128-10
+tanh MLP, cross-entropy + 1e-4 L2): TR-RMS at batch 256 with Hessian-vector products on 1/8 of
+the batch (``tr_rms``), the same with generalised Gauss-Newton products (``tr_rms_ggn``), and
+Adam at batch 128 (lr 9e-4). Each variant trains its own model from the same seed on the same
+sequence of batches; the timed chunks (``--steps`` steps each) run round-robin for ``--rounds``
+rounds, so load changes on a shared machine fall on every variant alike. The table gives the
+median ms per step, the products per step the TR variants used, and the ratios to Adam.
+
+``--baseline DIR`` also times the ``trlib`` package found in ``DIR`` (e.g. an older commit:
+``git archive <commit> trlib | tar -x -C /tmp/old``), imported side by side as a second
+package, so an optimisation of ``TrustRegion.step`` is measured old against new in one run
+(the ratio ``new / old`` per variant).
+
+Run: ``python benchmarks/bench_step_overhead.py [--rounds 5] [--steps 40] [--baseline /tmp/old]``.
+Data: real Fashion-MNIST when installed, else the runner's stand-in (named in the banner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import _common
+import trlib
+from trlib.experiments import load_data
+
+L2 = 1e-4
+
+
+def import_baseline(folder: str):
+    """The ``trlib`` package in ``folder``, imported as ``trlib_baseline`` (its relative imports resolve inside it)."""
+    init = Path(folder) / "trlib" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline: no trlib package in {folder!r}")
+    spec = importlib.util.spec_from_file_location("trlib_baseline", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trlib_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Run:
+    """One variant of one implementation: its model, optimizer and position in the batch sequence."""
+
+    def __init__(self, lib, variant: str, x, y, seed: int = 0):
+        torch.manual_seed(seed)
+        self.lib, self.variant, self.x, self.y = lib, variant, x, y
+        self.model = trlib.models.mlp(784)
+        self.params = list(self.model.parameters())
+        if variant == "adam":
+            self.opt, self.batch = torch.optim.Adam(self.params, lr=9e-4), 128
+        else:
+            self.opt, self.batch = lib.TrustRegion(self.params, norm="rms", decrease=1.75, eta2=0.9), 256
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.position, self.steps = torch.randperm(len(x), generator=self.gen), 0, 0
+
+    def loss(self, idx):
+        out = self.model(self.x[idx])
+        return F.cross_entropy(out, self.y[idx]) + L2 * sum(p.pow(2).sum() for p in self.params)
+
+    def step(self):
+        if self.position + self.batch > len(self.order):
+            self.order, self.position = torch.randperm(len(self.x), generator=self.gen), 0
+        idx = self.order[self.position:self.position + self.batch]
+        self.position += self.batch
+        self.steps += 1
+        if self.variant == "adam":
+            self.opt.zero_grad(set_to_none=True)
+            self.loss(idx).backward()
+            self.opt.step()
+            return
+        sub = idx[:self.batch // 8]
+        if self.variant == "tr_rms":
+            self.opt.step(lambda: self.loss(idx), hessian_closure=lambda: self.loss(sub), hessian_fraction=0.125)
+        else:
+            ggn = self.lib.gauss_newton.ggn_operator
+            xs, ys = self.x[sub], self.y[sub]
+
+            def curvature():
+                data = ggn(self.model, xs, ys, "cross_entropy", reduction="sum")
+                return lambda v: data(v) / len(sub) + 2 * L2 * v
+
+            self.opt.step(lambda: self.loss(idx), curvature=curvature, hessian_fraction=0.125)
+
+    def chunk(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return time.perf_counter() - t0
+
+    def products(self) -> float:
+        return self.opt.counts["hvp"] / 0.125 / self.steps if self.variant != "adam" else 0.0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40, help="steps per timed chunk")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps of each variant first")
+    p.add_argument("--baseline", default=None, help="a folder holding an older trlib package to time side by side")
+    p.add_argument("--variants", nargs="+", default=["tr_rms", "tr_rms_ggn", "adam"])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    _common.set_threads(args.threads)
+    train, _ = load_data("fashion_mnist_mlp", "auto", verbose=False)
+    _common.print_environment("TrustRegion.step: ms per step on the Fashion-MNIST MLP",
+                              _common.environment(torch.device("cpu")),
+                              dict(data=train.display_name, rounds=args.rounds, steps=args.steps,
+                                   baseline=args.baseline))
+    libs = {"new": trlib}
+    if args.baseline:
+        libs["old"] = import_baseline(args.baseline)
+    runs = {}
+    for name, lib in libs.items():
+        for v in args.variants:
+            if v == "adam" and name != "new":
+                continue  # Adam is torch's: timed once
+            runs[(name, v)] = Run(lib, v, train.x, train.y)
+    for run in runs.values():
+        run.chunk(args.warmup)
+    times = {key: [] for key in runs}
+    for _ in range(args.rounds):
+        for key, run in runs.items():
+            times[key].append(run.chunk(args.steps) / args.steps * 1e3)
+    adam = statistics.median(times[("new", "adam")]) if ("new", "adam") in runs else None
+    rows = []
+    for (name, v), ts in times.items():
+        ms = statistics.median(ts)
+        rows.append([name, v, f"{ms:.2f}", f"{runs[(name, v)].products():.2f}",
+                     f"{ms / adam:.2f}" if adam and v != "adam" else ""])
+    print(_common.format_table(["library", "variant", "ms/step", "products/step", "x Adam"], rows))
+    if args.baseline:
+        for v in args.variants:
+            if v != "adam":
+                per_round = [a / b for a, b in zip(times[("new", v)], times[("old", v)])]
+                print(f"new / old {v}: {statistics.median(per_round):.3f} (median of per-round ratios)")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,7 @@ median ms per step, the products per step the TR variants used, and the ratios t
 package, so an optimisation of ``TrustRegion.step`` is measured old against new in one run
 (the ratio ``new / old`` per variant).
 
-Run: ``python benchmarks/bench_step_overhead.py [--rounds 5] [--steps 40] [--baseline /tmp/old]``.
+Run: ``python benchmarks/bench_step_overhead.py [--rounds 20] [--steps 10] [--baseline /tmp/old]``.
 Data: real Fashion-MNIST when installed, else the runner's stand-in (named in the banner).
 """
 
@@ -64,9 +64,8 @@ class Run:
         self.gen = torch.Generator().manual_seed(seed)
         self.order, self.position, self.steps = torch.randperm(len(x), generator=self.gen), 0, 0
 
-    def loss(self, idx):
-        out = self.model(self.x[idx])
-        return F.cross_entropy(out, self.y[idx]) + L2 * sum(p.pow(2).sum() for p in self.params)
+    def loss(self, x, y):
+        return F.cross_entropy(self.model(x), y) + L2 * sum(p.pow(2).sum() for p in self.params)
 
     def step(self):
         if self.position + self.batch > len(self.order):
@@ -74,23 +73,23 @@ class Run:
         idx = self.order[self.position:self.position + self.batch]
         self.position += self.batch
         self.steps += 1
+        x, y = self.x[idx], self.y[idx]  # fetched once, outside the closures (as the runner does)
         if self.variant == "adam":
             self.opt.zero_grad(set_to_none=True)
-            self.loss(idx).backward()
+            self.loss(x, y).backward()
             self.opt.step()
             return
-        sub = idx[:self.batch // 8]
+        xs, ys = x[:self.batch // 8], y[:self.batch // 8]
         if self.variant == "tr_rms":
-            self.opt.step(lambda: self.loss(idx), hessian_closure=lambda: self.loss(sub), hessian_fraction=0.125)
+            self.opt.step(lambda: self.loss(x, y), hessian_closure=lambda: self.loss(xs, ys), hessian_fraction=0.125)
         else:
             ggn = self.lib.gauss_newton.ggn_operator
-            xs, ys = self.x[sub], self.y[sub]
 
             def curvature():
                 data = ggn(self.model, xs, ys, "cross_entropy", reduction="sum")
-                return lambda v: data(v) / len(sub) + 2 * L2 * v
+                return lambda v: data(v) / len(xs) + 2 * L2 * v
 
-            self.opt.step(lambda: self.loss(idx), curvature=curvature, hessian_fraction=0.125)
+            self.opt.step(lambda: self.loss(x, y), curvature=curvature, hessian_fraction=0.125)
 
     def chunk(self, steps: int) -> float:
         t0 = time.perf_counter()
@@ -98,14 +97,31 @@ class Run:
             self.step()
         return time.perf_counter() - t0
 
+    def passes(self, products: float) -> float:
+        """Seconds of the autodiff passes alone of one ``tr_rms`` step that spends ``products``
+        products: the batch's gradient, the sub-batch's gradient with its graph, the products and
+        the trial forward (what the step cannot avoid; the rest is the optimizer's own cost)."""
+        idx = self.order[:self.batch]
+        x, y = self.x[idx], self.y[idx]
+        t0 = time.perf_counter()
+        torch.autograd.grad(self.loss(x, y), self.params)
+        grads = torch.autograd.grad(self.loss(x[:self.batch // 8], y[:self.batch // 8]), self.params, create_graph=True)
+        t1 = time.perf_counter()
+        torch.autograd.grad(grads, self.params, [torch.ones_like(p) for p in self.params], retain_graph=True)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            self.loss(x, y)
+        t3 = time.perf_counter()
+        return (t1 - t0) + products * (t2 - t1) + (t3 - t2)
+
     def products(self) -> float:
         return self.opt.counts["hvp"] / 0.125 / self.steps if self.variant != "adam" else 0.0
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=40, help="steps per timed chunk")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed chunk")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps of each variant first")
     p.add_argument("--baseline", default=None, help="a folder holding an older trlib package to time side by side")
     p.add_argument("--variants", nargs="+", default=["tr_rms", "tr_rms_ggn", "adam"])
@@ -129,16 +145,26 @@ def main():
     for run in runs.values():
         run.chunk(args.warmup)
     times = {key: [] for key in runs}
+    passes = []  # the autodiff passes alone of a new tr_rms step, timed in the same rounds
     for _ in range(args.rounds):
         for key, run in runs.items():
             times[key].append(run.chunk(args.steps) / args.steps * 1e3)
-    adam = statistics.median(times[("new", "adam")]) if ("new", "adam") in runs else None
+            if key == ("new", "tr_rms"):
+                k = run.products()
+                passes.append(statistics.median(run.passes(k) for _ in range(args.steps)) * 1e3)
+    adam = times.get(("new", "adam"))
     rows = []
     for (name, v), ts in times.items():
-        ms = statistics.median(ts)
-        rows.append([name, v, f"{ms:.2f}", f"{runs[(name, v)].products():.2f}",
-                     f"{ms / adam:.2f}" if adam and v != "adam" else ""])
+        ratio = statistics.median(t / a for t, a in zip(ts, adam)) if adam and v != "adam" else None
+        rows.append([name, v, f"{statistics.median(ts):.2f}", f"{runs[(name, v)].products():.2f}",
+                     "" if ratio is None else f"{ratio:.2f}"])
     print(_common.format_table(["library", "variant", "ms/step", "products/step", "x Adam"], rows))
+    print("(x Adam: the median over rounds of the round's ratio)")
+    if passes:
+        ratio = statistics.median(t / q for t, q in zip(times[("new", "tr_rms")], passes))
+        print(f"tr_rms: its autodiff passes alone (gradient on the batch, sub-batch gradient with graph, the products, "
+              f"trial forward) take {statistics.median(passes):.2f} ms per step; a whole step takes {ratio:.2f} x that "
+              "(median of per-round ratios; the rest is the optimizer's own cost)")
     if args.baseline:
         for v in args.variants:
             if v != "adam":

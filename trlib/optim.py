@@ -562,7 +562,8 @@ class TrustRegion(torch.optim.Optimizer):
             grad_graph = curvature.flat_grad(loss, params, create_graph=double_backward and hessian_closure is None)
         counts["gradient"] += 1
         grad = self._mean(grad_graph.detach())
-        if not bool(torch.all(torch.isfinite(grad))):
+        # a finite sum implies finite entries; only a non-finite one (NaN/inf, or an overflow) pays for the entrywise test
+        if not math.isfinite(float(grad.sum())) and not bool(torch.isfinite(grad).all()):
             raise NonFiniteLossError(f"the gradient contains NaN/inf at the current parameters (step {steps})")
         curvature_closure, sub_grad = closure, None
         if hessian_closure is not None:
@@ -665,9 +666,10 @@ class TrustRegion(torch.optim.Optimizer):
         diff = sub_grad - grad
         if active is not None:
             diff = diff.index_select(0, active)
-        dual = 1.0 if ellipsoid is None else 1.0 / ellipsoid  # ||v||^2 in the metric A^{-1}, the gradient's
-        noise_sum, grad_sq = torch.stack([torch.sum(dual * diff * diff), torch.sum(dual * model_grad * model_grad)]
-                                         ).tolist()  # one read
+        def dual(v):  # ||v||^2 in the metric A^{-1}, the gradient's
+            return torch.dot(v, v) if ellipsoid is None else torch.dot(v / ellipsoid, v)
+
+        noise_sum, grad_sq = torch.stack([dual(diff), dual(model_grad)]).tolist()  # one read
         noise_var = noise_sum / (1.0 / fraction - 1.0)
         return dict(noise=noise_var / grad_sq if grad_sq > 0 else math.inf, noise_var=noise_var, grad_sq=grad_sq)
 

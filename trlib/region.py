@@ -39,7 +39,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .norms import ellipsoid_norm
 from .subproblem import SubproblemResult
 
 __all__ = ["RadiusRule", "SigmaRule", "reduction_ratio", "iterate", "Trial"]
@@ -185,11 +184,13 @@ def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[
     products, scale = result.iterations, max(1.0, abs(loss))
     while True:
         step = result.step
-        # the decrease, the step's finiteness and its length in one read (one synchronisation on a GPU)
-        decrease, finite_step, length = torch.stack([
-            torch.as_tensor(result.model_decrease, device=step.device).double().reshape(()),
-            torch.all(torch.isfinite(step)).double(), ellipsoid_norm(step, ellipsoid).double()]).tolist()
-        finite = math.isfinite(decrease) and bool(finite_step)
+        # the decrease and the step's length in one read (one synchronisation on a GPU); a finite
+        # length implies a finite step (a NaN/inf entry makes the sum of squares non-finite
+        # whatever the weights), so only a non-finite one pays for the entrywise test
+        squared = torch.dot(step, step) if ellipsoid is None else torch.dot(ellipsoid * step, step)
+        decrease, length = torch.stack([torch.as_tensor(result.model_decrease, device=step.device).double().reshape(()),
+                                        squared.sqrt().double()]).tolist()
+        finite = math.isfinite(decrease) and (math.isfinite(length) or bool(torch.isfinite(step).all()))
         inexact = finite and result.status in ("converged", "interior") and rtol * 1e-2 >= 1e-12
         trial_loss = math.nan
         if not (inexact and decrease <= 10.0 * eps * scale):  # below f's rounding level: not worth a trial

@@ -220,24 +220,25 @@ class Solver:
             raise ValueError("Invalid grad: expected a 1-D floating-point tensor")
         op = as_operator(hvp, grad)
         self.scale = None
-        checks = [torch.all(torch.isfinite(grad))]
         if ellipsoid is not None:
             if not isinstance(ellipsoid, Tensor) or ellipsoid.shape != grad.shape:
                 raise ValueError(f"Invalid ellipsoid: expected a tensor of shape {tuple(grad.shape)}")
-            checks.append(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0)))
             self.scale = ellipsoid.to(grad.dtype).rsqrt()  # u = A^{1/2} s, s = scale * u
             op = op.scaled(self.scale)
         self.spent = {"hvp": 0}
         self._reported = 0
         self.g = grad if self.scale is None else self.scale * grad
         self.op = op.counted(self.spent)
-        # ||g~|| and the checks in one read (one host-device synchronisation on a GPU)
-        gnorm, *valid = torch.stack([torch.linalg.vector_norm(self.g).double()]
-                                    + [c.double() for c in checks]).tolist()
-        if not valid[0]:
-            raise ValueError("Invalid grad: contains NaN or inf")
-        if len(valid) > 1 and not valid[1]:
-            raise ValueError("Invalid ellipsoid: entries must be positive and finite")
+        # ||g~|| and a screen of the inputs in one read (one host-device synchronisation on a GPU):
+        # a finite ||g~||, sum and positive minimum of the scale (rsqrt maps 0, inf and NaN outside
+        # (0, inf)) imply valid inputs; only a failed screen pays for the entrywise checks
+        reads = [torch.linalg.vector_norm(self.g)] + ([] if self.scale is None else [self.scale.sum(), self.scale.min()])
+        gnorm, *screen = torch.stack(reads).double().tolist()
+        if not (math.isfinite(gnorm) and all(map(math.isfinite, screen)) and (not screen or screen[1] > 0)):
+            if not bool(torch.isfinite(grad).all()):
+                raise ValueError("Invalid grad: contains NaN or inf")
+            if ellipsoid is not None and not bool((torch.isfinite(ellipsoid) & (ellipsoid > 0)).all()):
+                raise ValueError("Invalid ellipsoid: entries must be positive and finite")
         self.gnorm = gnorm
         self.limit = self.max_iter or (10 if self.name == "cg" else 1) * grad.numel()
         self._setup()
@@ -298,8 +299,11 @@ class SteihaugCG(Solver):
         # Written without data-dependent Python branches inside the loop: all decisions are
         # 0-d tensors, so on a GPU the host only waits when it checks `done` (every
         # `check_every` products). Products computed after termination are counted.
+        # Vector updates are in place, fused (addcmul) and masked by 0-d factors rather than by
+        # torch.where on whole vectors: once finished, p is kept (times 1, minus 0 r) and u, hu, r
+        # move by 0.
         g, op = self.g, self.op
-        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        zero, one, minus_one = torch.tensor([0.0, 1.0, -1.0], dtype=g.dtype, device=g.device).unbind()
         u, hu, r = torch.zeros_like(g), torch.zeros_like(g), g.clone()
         p = -r
         rr = torch.dot(r, r)
@@ -313,29 +317,31 @@ class SteihaugCG(Solver):
             hp = op(p)
             php, pp, up, uu = torch.stack([torch.dot(p, hp), torch.dot(p, p), torch.dot(u, p), torch.dot(u, u)])
             finite = finite & torch.isfinite(php)
-            safe_pp = torch.where(pp > 0, pp, torch.ones_like(pp))
+            safe_pp = torch.where(pp > 0, pp, one)
             # Positive root of ||u + tau p||^2 = radius^2.
             tau = (-up + torch.sqrt(torch.clamp(up * up + pp * (radius**2 - uu), min=0.0))) / safe_pp
             curv = php <= 0
-            alpha = rr / torch.where(curv, torch.ones_like(php), php)
+            alpha = rr / torch.where(curv, one, php)
             hit = curv | (alpha >= tau)
             a = torch.where(done, zero, torch.where(hit, tau, alpha))
-            u, hu = u + a * p, hu + a * hp
-            r_new = r + a * hp
-            rr_new = torch.dot(r_new, r_new)
+            u.addcmul_(p, a)
+            hu.addcmul_(hp, a)
+            r.addcmul_(hp, a)
+            rr_new = torch.dot(r, r)
             finished = done | hit | (rr_new <= tol2)
-            negative = negative | (~done & curv)
-            hit_boundary = hit_boundary | (~done & hit)
-            p = torch.where(finished, p, -r_new + (rr_new / torch.where(rr > 0, rr, torch.ones_like(rr))) * p)
-            r, rr, done = r_new, rr_new, finished
-        if not bool(finite):
+            # the iteration that meets negative curvature or the boundary is the last one
+            negative, hit_boundary = torch.where(done, negative, curv), torch.where(done, hit_boundary, hit)
+            beta = rr_new / rr  # (NaN when rr = 0, but then finished and unused)
+            p.mul_(torch.where(finished, one, beta)).addcmul_(r, torch.where(finished, zero, minus_one))
+            rr, done = rr_new, finished
+        finite, boundary, done, negative = torch.stack([finite, hit_boundary, done, negative]).tolist()  # one read
+        if not finite:
             raise NonFiniteCurvatureError()
         value = torch.dot(g, u) + 0.5 * torch.dot(u, hu)
-        boundary = bool(hit_boundary)
-        status = "boundary" if boundary else ("converged" if bool(done) else "max_iter")
+        status = "boundary" if boundary else ("converged" if done else "max_iter")
         if self.gnorm == 0.0:
             status = "zero_gradient"
-        return u, -value, boundary, bool(negative), None, status
+        return u, -value, boundary, negative, None, status
 
 
 class GLTR(Solver):

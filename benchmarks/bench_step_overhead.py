@@ -54,22 +54,22 @@ class Run:
 
     def __init__(self, lib, variant: str, x, y, seed: int = 0):
         torch.manual_seed(seed)
-        self.lib, self.variant, self.x, self.y = lib, variant, x, y
-        self.model = trlib.models.mlp(784)
+        self.lib, self.variant, self.x, self.y, self.device = lib, variant, x, y, x.device
+        self.model = trlib.models.mlp(784).to(x.device)
         self.params = list(self.model.parameters())
         if variant == "adam":
             self.opt, self.batch = torch.optim.Adam(self.params, lr=9e-4), 128
         else:
             self.opt, self.batch = lib.TrustRegion(self.params, norm="rms", decrease=1.75, eta2=0.9), 256
         self.gen = torch.Generator().manual_seed(seed)
-        self.order, self.position, self.steps = torch.randperm(len(x), generator=self.gen), 0, 0
+        self.order, self.position, self.steps = torch.randperm(len(x), generator=self.gen).to(x.device), 0, 0
 
     def loss(self, x, y):
         return F.cross_entropy(self.model(x), y) + L2 * sum(p.pow(2).sum() for p in self.params)
 
     def step(self):
         if self.position + self.batch > len(self.order):
-            self.order, self.position = torch.randperm(len(self.x), generator=self.gen), 0
+            self.order, self.position = torch.randperm(len(self.x), generator=self.gen).to(self.device), 0
         idx = self.order[self.position:self.position + self.batch]
         self.position += self.batch
         self.steps += 1
@@ -92,9 +92,11 @@ class Run:
             self.opt.step(lambda: self.loss(x, y), curvature=curvature, hessian_fraction=0.125)
 
     def chunk(self, steps: int) -> float:
+        _common.synchronize(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             self.step()
+        _common.synchronize(self.device)
         return time.perf_counter() - t0
 
     def passes(self, products: float) -> float:
@@ -103,14 +105,19 @@ class Run:
         the trial forward (what the step cannot avoid; the rest is the optimizer's own cost)."""
         idx = self.order[:self.batch]
         x, y = self.x[idx], self.y[idx]
+        sync = lambda: _common.synchronize(self.device)  # noqa: E731
+        sync()
         t0 = time.perf_counter()
         torch.autograd.grad(self.loss(x, y), self.params)
         grads = torch.autograd.grad(self.loss(x[:self.batch // 8], y[:self.batch // 8]), self.params, create_graph=True)
+        sync()
         t1 = time.perf_counter()
         torch.autograd.grad(grads, self.params, [torch.ones_like(p) for p in self.params], retain_graph=True)
+        sync()
         t2 = time.perf_counter()
         with torch.no_grad():
             self.loss(x, y)
+        sync()
         t3 = time.perf_counter()
         return (t1 - t0) + products * (t2 - t1) + (t3 - t2)
 
@@ -126,13 +133,15 @@ def main():
     p.add_argument("--baseline", default=None, help="a folder holding an older trlib package to time side by side")
     p.add_argument("--variants", nargs="+", default=["tr_rms", "tr_rms_ggn", "adam"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
     args = p.parse_args()
     _common.set_threads(args.threads)
-    train, _ = load_data("fashion_mnist_mlp", "auto", verbose=False)
-    _common.print_environment("TrustRegion.step: ms per step on the Fashion-MNIST MLP",
-                              _common.environment(torch.device("cpu")),
-                              dict(data=train.display_name, rounds=args.rounds, steps=args.steps,
-                                   baseline=args.baseline))
+    device = _common.resolve_device(args.device)
+    train, _ = load_data("fashion_mnist_mlp", "auto", verbose=False, device=device)
+    env = _common.environment(device)
+    settings = dict(data=train.display_name, rounds=args.rounds, steps=args.steps, baseline=args.baseline)
+    _common.print_environment("TrustRegion.step: ms per step on the Fashion-MNIST MLP", env, settings)
     libs = {"new": trlib}
     if args.baseline:
         libs["old"] = import_baseline(args.baseline)
@@ -165,11 +174,15 @@ def main():
         print(f"tr_rms: its autodiff passes alone (gradient on the batch, sub-batch gradient with graph, the products, "
               f"trial forward) take {statistics.median(passes):.2f} ms per step; a whole step takes {ratio:.2f} x that "
               "(median of per-round ratios; the rest is the optimizer's own cost)")
+    new_over_old = {}
     if args.baseline:
         for v in args.variants:
             if v != "adam":
-                per_round = [a / b for a, b in zip(times[("new", v)], times[("old", v)])]
-                print(f"new / old {v}: {statistics.median(per_round):.3f} (median of per-round ratios)")
+                new_over_old[v] = statistics.median(a / b for a, b in zip(times[("new", v)], times[("old", v)]))
+                print(f"new / old {v}: {new_over_old[v]:.3f} (median of per-round ratios)")
+    _common.write_json(args.json, dict(environment=env, settings=settings, ms_per_step={
+        f"{name} {v}": statistics.median(ts) for (name, v), ts in times.items()}, new_over_old=new_over_old,
+        passes_ms=statistics.median(passes) if passes else None))
 
 
 if __name__ == "__main__":

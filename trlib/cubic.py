@@ -53,7 +53,8 @@ import torch
 from torch import Tensor
 
 from .lanczos import Lanczos
-from .subproblem import SubproblemResult
+from .norms import ellipsoid_norm
+from .subproblem import GLTR, Exact, Solver, SubproblemResult, model_value
 
 __all__ = ["CubicResult", "CubicSolver", "solve_cubic", "cubic_model", "CUBIC_METHODS"]
 
@@ -87,9 +88,7 @@ def cubic_model(grad: Tensor, hvp: Union[Operator, Tensor], sigma: float, step: 
     >>> round(cubic_model(torch.tensor([1.0]), torch.tensor([[2.0]]), 3.0, torch.tensor([-1 / 3])).item(), 6)
     -0.185185
     """
-    op = (lambda v: hvp @ v) if isinstance(hvp, Tensor) else hvp
-    norm = torch.linalg.vector_norm(step) if ellipsoid is None else torch.sqrt(torch.sum(ellipsoid * step * step))
-    return torch.dot(grad, step) + 0.5 * torch.dot(step, op(step)) + sigma / 3.0 * norm**3
+    return model_value(grad, hvp, step) + sigma / 3.0 * ellipsoid_norm(step, ellipsoid) ** 3
 
 
 def _secular(eigvals: np.ndarray, coeffs: np.ndarray, sigma: float) -> Tuple[np.ndarray, float, bool]:
@@ -155,22 +154,6 @@ def _model(eigvals: np.ndarray, coeffs: np.ndarray, x: np.ndarray, sigma: float)
     return float(coeffs @ x + 0.5 * np.sum(eigvals * x * x) + sigma / 3.0 * np.linalg.norm(x) ** 3)
 
 
-def _decompose(g: Tensor, op: Operator, dense: Optional[Tensor], scale: Optional[Tensor]):
-    # the unscaled H (n products unless given), scaled and decomposed in float64: the reference
-    n = g.numel()
-    if dense is None:
-        eye = torch.eye(n, dtype=g.dtype, device=g.device)
-        dense, products = torch.stack([op(eye[i]) for i in range(n)], dim=1), n
-    else:
-        products = 0
-    H = dense.detach().double().cpu()
-    H = 0.5 * (H + H.T)
-    d = torch.ones(n, dtype=torch.float64) if scale is None else scale.detach().double().cpu()
-    eigvals, eigvecs = torch.linalg.eigh(d[:, None] * H * d[None, :])
-    w, V = eigvals.numpy(), eigvecs.numpy()
-    return w, V, V.T @ (d * g.detach().double().cpu()).numpy(), products
-
-
 def _lanczos(lz: Lanczos, sigma: float, rtol: float, max_iter: int):
     """The model on the Krylov space of ``lz``, grown (from where it stands) until it is solved."""
     gamma = lz.start_norm  # g = gamma q_1 (0: the first block starts at random)
@@ -215,15 +198,15 @@ def _check_sigma(sigma) -> float:
     return float(sigma)
 
 
-class CubicSolver:
+class CubicSolver(Solver):
     r"""The ARC subproblem at one point: :meth:`query` once, :meth:`solve` for each :math:`\sigma`.
 
-    The counterpart of :class:`trlib.subproblem.Solver` for the cubic model: ``"lanczos"``
-    keeps its Krylov basis between solves, so a larger :math:`\sigma` after a rejected step
-    (or a tighter ``rtol``) costs only the products that extend the basis, often none;
-    ``"exact"`` decomposes the Hessian once. :meth:`solve` returns a
-    :class:`trlib.subproblem.SubproblemResult` (``on_boundary`` is False: the cubic model has
-    no boundary; ``multiplier`` is :math:`\lambda = \sigma\|s\|_A`; ``iterations`` the
+    A :class:`trlib.subproblem.Solver` for the cubic model (the same ``query``, checks, change of
+    variables and product counting): ``"lanczos"`` keeps its Krylov basis between solves, so a
+    larger :math:`\sigma` after a rejected step (or a tighter ``rtol``) costs only the products
+    that extend the basis, often none; ``"exact"`` decomposes the Hessian once. :meth:`solve`
+    returns a :class:`trlib.subproblem.SubproblemResult` (``on_boundary`` is False: the cubic
+    model has no boundary; ``multiplier`` is :math:`\lambda = \sigma\|s\|_A`; ``iterations`` the
     products spent by that call), so :func:`trlib.region.iterate` treats both models alike.
 
     >>> H = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
@@ -232,89 +215,41 @@ class CubicSolver:
     [(1.7612, 3), (0.6929, 0)]
     """
 
+    name = "cubic"
+
     def __init__(self, method: str = "lanczos", *, rtol: float = 1e-6, max_iter: Optional[int] = None,
                  generator: Optional[torch.Generator] = None):
         if method not in CUBIC_METHODS:
             raise ValueError(f"Invalid method: {method!r}; expected one of {CUBIC_METHODS}")
-        if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
-            raise ValueError(f"Invalid rtol: {rtol!r} (must be a finite float >= 0)")
-        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
-            raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a positive int or None)")
-        self.method, self.rtol, self.max_iter = method, float(rtol), max_iter
-        self.generator = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
+        super().__init__(rtol=rtol, max_iter=max_iter, generator=generator)
+        self.method = method
 
-    def query(self, grad: Tensor, hvp, ellipsoid: Optional[Tensor] = None) -> "CubicSolver":
-        """Set up at a point: the gradient, the curvature (a callable ``v -> H v``, a
-        :class:`trlib.curvature.Operator` or a dense square tensor) and the ellipsoid (None: the sphere)."""
-        if not isinstance(grad, Tensor) or grad.ndim != 1 or not grad.is_floating_point() or grad.numel() == 0:
-            raise ValueError("Invalid grad: expected a non-empty 1-D floating-point tensor")
-        if not bool(torch.all(torch.isfinite(grad))):
-            raise ValueError("Invalid grad: contains NaN or inf")
-        n = grad.numel()
-        dense = None
-        if isinstance(hvp, Tensor):
-            if hvp.ndim != 2 or hvp.shape != (n, n):
-                raise ValueError(f"Invalid hvp: a dense Hessian must have shape ({n}, {n}), got {tuple(hvp.shape)}")
-            dense = hvp
-            op = lambda v: dense @ v  # noqa: E731
-        elif callable(hvp):
-            op = hvp
-        else:
-            raise ValueError("Invalid hvp: expected a callable v -> H v or a square tensor")
-        self.scale, g, base_op = None, grad, op
-        if ellipsoid is not None:
-            if not isinstance(ellipsoid, Tensor) or ellipsoid.shape != grad.shape:
-                raise ValueError(f"Invalid ellipsoid: expected a tensor of shape {tuple(grad.shape)}")
-            if not bool(torch.all(torch.isfinite(ellipsoid) & (ellipsoid > 0))):
-                raise ValueError("Invalid ellipsoid: entries must be positive and finite")
-            scale = self.scale = ellipsoid.to(grad.dtype).rsqrt()  # u = A^{1/2} s, s = scale * u
-            g = scale * grad
-            op = lambda v: scale * base_op(scale * v)  # noqa: E731
-        self.grad, self.limit, self._spent = grad, n if self.max_iter is None else self.max_iter, 0
+    def _setup(self):
         if self.method == "exact":
-            self._eigen = _decompose(grad, base_op, dense, self.scale)
-            self._lz = None
+            Exact._setup(self)  # eigvals, eigvecs, coeffs of the scaled Hessian
         else:
-            self._lz = Lanczos(op, g, generator=self.generator)
-        return self
+            self.lz = Lanczos(self.op, self.g, generator=self.generator)
 
     def solve(self, sigma: float, rtol: Optional[float] = None) -> SubproblemResult:
         """The minimiser of the model for weight ``sigma`` (and a Lanczos tolerance ``rtol``, default the solver's)."""
-        sigma = _check_sigma(sigma)
-        rtol = self.rtol if rtol is None else float(rtol)
-        if self._lz is None:
-            w, V, c, products = self._eigen
-            x, lam, hard = _secular(w, c, sigma)
-            u = torch.as_tensor(V @ x, dtype=self.grad.dtype).to(self.grad.device)
-            decrease, negative, converged = -_model(w, c, x, sigma), bool(w[0] < 0), True
-            used, self._eigen = products, (w, V, c, 0)
+        return super().solve(_check_sigma(sigma), rtol)
+
+    def _solve(self, sigma, rtol):
+        if self.method == "exact":
+            x, lam, hard = _secular(self.eigvals, self.coeffs, sigma)
+            u = self.eigvecs @ torch.as_tensor(x, dtype=self.g.dtype).to(self.g.device)
+            decrease, negative, converged = -_model(self.eigvals, self.coeffs, x, sigma), self.eigvals[0] < 0, True
         else:
-            before = self._lz.k
-            u, decrease, lam, negative, hard, converged = _lanczos(self._lz, sigma, rtol, self.limit)
-            used = self._lz.k - before
-        step = u if self.scale is None else self.scale * u
-        if hard:
-            status = "hard_case"
-        elif lam == 0.0:
-            status = "zero_gradient"
-        else:
-            status = "converged" if converged else "max_iter"
-        decrease = torch.tensor(max(decrease, 0.0), dtype=self.grad.dtype, device=self.grad.device)
-        return SubproblemResult(step, decrease, False, negative, int(used), float(lam), status)
+            u, decrease, lam, negative, hard, converged = _lanczos(self.lz, sigma, rtol, self.limit)
+        status = "hard_case" if hard else "zero_gradient" if lam == 0.0 else "converged" if converged else "max_iter"
+        return u, decrease, False, negative, lam, status
 
     def leftmost(self):
         """``(curvature, direction)``: the leftmost Ritz pair found so far, as a direction :math:`s`
         with its Rayleigh quotient in the region's norm; None before any product."""
-        if self._lz is None:
-            w, V = self._eigen[0], self._eigen[1]
-            u = torch.as_tensor(V[:, 0], dtype=self.grad.dtype).to(self.grad.device)
-            value = float(w[0])
-        elif self._lz.k == 0:
-            return None
-        else:
-            theta, y = self._lz.eigh()
-            u, value = self._lz.combine(y[:, 0]), float(theta[0])
-        return value, u if self.scale is None else self.scale * u
+        if self.method == "exact":
+            return Exact.leftmost(self)
+        return GLTR.leftmost(self) if self.lz.k else None
 
 
 def solve_cubic(
@@ -347,7 +282,7 @@ def solve_cubic(
         sigma: the regularisation weight :math:`\sigma > 0`.
         ellipsoid: the positive vector :math:`a` of :math:`A = \operatorname{diag}(a)`
             (``None``: the sphere), e.g. a :mod:`trlib.norms` ellipsoid.
-        method: ``"lanczos"`` or ``"exact"`` (dense, float64, ``n`` products for a callable).
+        method: ``"lanczos"`` or ``"exact"`` (dense, ``n`` products for a callable).
         rtol: ``"lanczos"``'s tolerance (``0``: until the basis spans the space).
         max_iter: most products for ``"lanczos"`` (default: the dimension).
         generator: random numbers for restarts (zero gradient, hard case); default seed 0.
@@ -367,8 +302,6 @@ def solve_cubic(
     SIAM J. Optim. 9 (1999) (the Lanczos approach); Nesterov & Polyak, Math. Program. 108 (2006).
     """
     solver = CubicSolver(method, rtol=rtol, max_iter=max_iter, generator=generator)
-    if not isinstance(grad, Tensor) or grad.ndim != 1 or not grad.is_floating_point() or grad.numel() == 0:
-        raise ValueError("Invalid grad: expected a non-empty 1-D floating-point tensor")
-    sigma = _check_sigma(sigma)
+    sigma = _check_sigma(sigma)  # before the products of a query
     r = solver.query(grad, hvp, ellipsoid).solve(sigma)
     return CubicResult(r.step, r.model_decrease, r.iterations, r.multiplier, r.negative_curvature, r.status)

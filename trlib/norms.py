@@ -45,6 +45,7 @@ Example
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Dict, Optional, Union
 
@@ -53,21 +54,8 @@ from torch import Tensor
 
 from .curvature import NonFiniteCurvatureError
 
-__all__ = [
-    "Norm",
-    "Uniform",
-    "Adagrad",
-    "RMS",
-    "Adam",
-    "Hutchinson",
-    "EmpiricalFisher",
-    "Safeguarded",
-    "Fixed",
-    "get_norm",
-    "ellipsoid_norm",
-    "equivalence_constant",
-    "volume_matched_radius",
-]
+__all__ = ["Norm", "Uniform", "Adagrad", "RMS", "Adam", "Hutchinson", "EmpiricalFisher", "Safeguarded", "Fixed",
+           "get_norm", "ellipsoid_norm", "equivalence_constant", "volume_matched_radius"]
 
 State = Dict[str, Tensor]
 
@@ -134,6 +122,24 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
+def _check_beta(beta: float) -> float:
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+        raise ValueError(f"Invalid beta: {beta!r} (must lie in [0, 1))")
+    return float(beta)
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {what}: {value!r} (must be a positive int)")
+    return value
+
+
+def _debiased(state: State, key: str, beta: float) -> Optional[Tensor]:
+    # an average started at zero, divided by 1 - beta^t (None before the first update)
+    t = float(state["count"])
+    return None if t == 0 else state[key] / (1.0 - beta**t)
+
+
 class Uniform(Norm):
     r"""The sphere, :math:`A = I` (the spherical TR method; gradient descent in first order)."""
 
@@ -178,10 +184,7 @@ class RMS(Norm):
     name = "rms"
 
     def __init__(self, beta: float = 0.8, eps: float = 1e-8):
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-            raise ValueError(f"Invalid beta: {beta!r} (must lie in [0, 1))")
-        self.beta = float(beta)
-        self.eps = _check_eps(eps)
+        self.beta, self.eps = _check_beta(beta), _check_eps(eps)
 
     def init(self, like: Tensor) -> State:
         return {"square_avg": torch.zeros_like(like)}
@@ -194,7 +197,7 @@ class RMS(Norm):
         return state["square_avg"].sqrt().add_(self.eps)
 
 
-class Adam(Norm):
+class Adam(RMS):
     r"""Adam's bias-corrected second moment as ellipsoid: :math:`a_t = \sqrt{v_t/(1-\beta^t)} + \epsilon`,
     :math:`v_t = \beta v_{t-1} + (1-\beta) g_t^2`.
 
@@ -212,36 +215,18 @@ class Adam(Norm):
     name = "adam"
 
     def __init__(self, beta: float = 0.999, eps: float = 1e-8):
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-            raise ValueError(f"Invalid beta: {beta!r} (must lie in [0, 1))")
-        self.beta = float(beta)
-        self.eps = _check_eps(eps)
+        super().__init__(beta, eps)
 
     def init(self, like: Tensor) -> State:
-        return {"square_avg": torch.zeros_like(like), "count": torch.zeros((), dtype=torch.float64)}
+        return {**super().init(like), "count": torch.zeros((), dtype=torch.float64)}
 
     def update(self, state: State, grad: Tensor) -> Tensor:
-        state["square_avg"].mul_(self.beta).addcmul_(grad, grad, value=1.0 - self.beta)
         state["count"] += 1
-        return self.ellipsoid(state)
+        return super().update(state, grad)
 
     def ellipsoid(self, state: State) -> Optional[Tensor]:
-        t = float(state["count"])
-        if t == 0:
-            return None
-        return (state["square_avg"] / (1.0 - self.beta**t)).sqrt_().add_(self.eps)
-
-
-def _check_beta(beta: float) -> float:
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-        raise ValueError(f"Invalid beta: {beta!r} (must lie in [0, 1))")
-    return float(beta)
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {what}: {value!r} (must be a positive int)")
-    return value
+        v = _debiased(state, "square_avg", self.beta)
+        return None if v is None else v.sqrt_().add_(self.eps)
 
 
 class Hutchinson(Norm):
@@ -286,10 +271,8 @@ class Hutchinson(Norm):
     uses_curvature = True
 
     def __init__(self, beta: float = 0.95, eps: float = 1e-8, probes: int = 1, every: int = 1, seed: int = 0):
-        self.beta = _check_beta(beta)
-        self.eps = _check_eps(eps)
-        self.probes = _positive_int(probes, "probes")
-        self.every = _positive_int(every, "every")
+        self.beta, self.eps = _check_beta(beta), _check_eps(eps)
+        self.probes, self.every = _positive_int(probes, "probes"), _positive_int(every, "every")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
         self.seed = seed
@@ -318,10 +301,8 @@ class Hutchinson(Norm):
         return self.ellipsoid(state)
 
     def ellipsoid(self, state: State) -> Optional[Tensor]:
-        t = float(state["count"])
-        if t == 0:
-            return None
-        return (state["diag_avg"] / (1.0 - self.beta**t)).abs_().add_(self.eps)
+        m = _debiased(state, "diag_avg", self.beta)
+        return None if m is None else m.abs_().add_(self.eps)
 
 
 class EmpiricalFisher(Norm):
@@ -360,8 +341,7 @@ class EmpiricalFisher(Norm):
     uses_per_sample_gradients = True
 
     def __init__(self, beta: float = 0.95, eps: float = 1e-8):
-        self.beta = _check_beta(beta)
-        self.eps = _check_eps(eps)
+        self.beta, self.eps = _check_beta(beta), _check_eps(eps)
 
     def init(self, like: Tensor) -> State:
         return {"fisher_avg": torch.zeros_like(like), "count": torch.zeros((), dtype=torch.float64)}
@@ -382,10 +362,8 @@ class EmpiricalFisher(Norm):
         return self.ellipsoid(state)
 
     def ellipsoid(self, state: State) -> Optional[Tensor]:
-        t = float(state["count"])
-        if t == 0:
-            return None
-        return (state["fisher_avg"] / (1.0 - self.beta**t)).add_(self.eps)
+        f = _debiased(state, "fisher_avg", self.beta)
+        return None if f is None else f.add_(self.eps)
 
 
 class Safeguarded(Norm):
@@ -492,8 +470,6 @@ def get_norm(norm: Union[str, Norm, Tensor, None], **kwargs) -> Norm:
         return Fixed(norm)
     if isinstance(norm, str) and norm.lower() in _NAMED:
         cls = _NAMED[norm.lower()]
-        import inspect
-
         accepted = inspect.signature(cls.__init__).parameters
         return cls(**{k: v for k, v in kwargs.items() if k in accepted and v is not None})
     raise ValueError(

@@ -55,23 +55,9 @@ import torch
 
 from ._atomic import atomic_write
 
-__all__ = [
-    "DATASETS",
-    "STAND_INS",
-    "Dataset",
-    "DatasetInfo",
-    "DatasetUnavailableError",
-    "batches",
-    "dataset_info",
-    "default_root",
-    "load_dataset",
-    "load_dataset_or_stand_in",
-    "load_stand_in",
-    "read_idx",
-    "search_path",
-    "stand_in",
-    "subset",
-]
+__all__ = ["DATASETS", "STAND_INS", "Dataset", "DatasetInfo", "DatasetUnavailableError", "batches", "dataset_info",
+           "default_root", "load_dataset", "load_dataset_or_stand_in", "load_stand_in", "read_idx", "search_path",
+           "stand_in", "subset"]
 
 logger = logging.getLogger(__name__)
 

@@ -28,19 +28,8 @@ from torch import nn
 
 from .data import dataset_info
 
-__all__ = [
-    "TASKS",
-    "Task",
-    "autoencoder",
-    "build_model",
-    "cifar_conv",
-    "count_parameters",
-    "get_task",
-    "mlp",
-    "mnist_conv",
-    "resnet18_cifar",
-    "resnet20",
-]
+__all__ = ["TASKS", "Task", "autoencoder", "build_model", "cifar_conv", "count_parameters", "get_task", "mlp",
+           "mnist_conv", "resnet18_cifar", "resnet20"]
 
 _ACTIVATIONS = {
     "tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid,

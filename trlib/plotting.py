@@ -39,13 +39,28 @@ X_AXES = {
 Y_LABELS = {"train_loss": "training loss", "test_loss": "test loss",
             "train_acc": "training accuracy", "test_acc": "test accuracy"}
 #: Legend label of each method. ``tr_uniform_equal_volume`` is a ``tr_uniform`` run relabelled: its first
-#: radius gives the sphere the volume of TR-RMS's first region (chapter 7 of the course).
-METHOD_LABELS = {"tr_uniform": "TR, sphere (uniform)",
-                 "tr_uniform_equal_volume": "TR, sphere (equal-volume first radius)",
+#: radius gives the sphere the volume of TR-RMS's first region (chapter 7 of the course). Chapter 8
+#: ("Beyond the paper") trains variants of TR-RMS through the runner's settings and names each run after
+#: what it changes (``hessian_batch``: the fraction of the batch the Hessian-vector products see;
+#: ``norm``: the region's shape). Runs with the authors' table (``preset="paper"``) shown next to the
+#: library's defaults are relabelled ``<method>_paper`` (chapter 5), so that the two never share a curve.
+METHOD_LABELS = {"tr_uniform": "TR, sphere (uniform)", "tr_uniform_equal_volume": "TR, sphere (equal-volume first radius)",
                  "tr_adagrad": "TR, Adagrad ellipsoid", "tr_rms": "TR, RMSProp ellipsoid", "sgd": "SGD",
-                 "adagrad": "Adagrad", "rmsprop": "RMSProp", "adam": "Adam"}
+                 "adagrad": "Adagrad", "rmsprop": "RMSProp", "adam": "Adam",
+                 "tr_rms_full_hessian": "TR-RMS, products on the whole batch",
+                 "tr_rms_hessian_1_8": "TR-RMS, products on 1/8 of the batch",
+                 "tr_rms_hessian_1_32": "TR-RMS, products on 1/32 of the batch", "tr_adam": "TR, Adam ellipsoid",
+                 "tr_hutchinson": "TR, Hutchinson ellipsoid", "tr_fisher": "TR, empirical Fisher ellipsoid",
+                 "tr_rms_safeguarded": "TR, RMSProp ellipsoid, safeguarded",
+                 "tr_rms_ggn": "TR-RMS, Gauss-Newton curvature", "arc_rms": "ARC, RMSProp ellipsoid",
+                 "adam_lr0.001": "Adam, lr 1e-3"}
+METHOD_LABELS.update({f"{m}_paper": f"{METHOD_LABELS[m]}, authors' settings" for m in ("tr_uniform", "tr_adagrad", "tr_rms")})
 _COLORS = {"tr_uniform": "tab:blue", "tr_uniform_equal_volume": "tab:brown", "tr_adagrad": "tab:orange",
-           "tr_rms": "tab:red", "sgd": "tab:gray", "adagrad": "tab:olive", "rmsprop": "tab:purple", "adam": "tab:cyan"}
+           "tr_rms": "tab:red", "sgd": "tab:gray", "adagrad": "tab:olive", "rmsprop": "tab:purple", "adam": "tab:cyan",
+           "tr_rms_full_hessian": "darkred", "tr_rms_hessian_1_8": "tab:red", "tr_rms_hessian_1_32": "salmon",
+           "tr_adam": "tab:green", "tr_hutchinson": "tab:pink", "tr_fisher": "gold", "tr_rms_safeguarded": "tab:brown",
+           "tr_rms_ggn": "navy", "arc_rms": "black", "adam_lr0.001": "teal", "tr_uniform_paper": "lightskyblue",
+           "tr_adagrad_paper": "peru", "tr_rms_paper": "orchid"}
 
 
 def method_style(method: str) -> Dict[str, Any]:
@@ -262,34 +277,6 @@ def plot_contours(ax, fun, xlim: Tuple[float, float], ylim: Tuple[float, float],
     if "cmap" in kwargs:
         kwargs.pop("colors")
     return ax.contour(x, y, z, levels=levels, **kwargs)
-
-
-# ----------------------------------------------------------------------------- chapter 8's variants
-#: Chapter 8 ("Beyond the paper") trains variants of TR-RMS through the runner's settings and names
-#: each run after what it changes (``hessian_batch``: the fraction of the batch the Hessian-vector
-#: products see; ``norm``: the region's shape), so that figures and tables tell them apart.
-METHOD_LABELS.update({
-    "tr_rms_full_hessian": "TR-RMS, products on the whole batch",
-    "tr_rms_hessian_1_8": "TR-RMS, products on 1/8 of the batch",
-    "tr_rms_hessian_1_32": "TR-RMS, products on 1/32 of the batch",
-    "tr_adam": "TR, Adam ellipsoid",
-    "tr_hutchinson": "TR, Hutchinson ellipsoid",
-    "tr_fisher": "TR, empirical Fisher ellipsoid",
-    "tr_rms_safeguarded": "TR, RMSProp ellipsoid, safeguarded",
-    "tr_rms_ggn": "TR-RMS, Gauss-Newton curvature",
-    "arc_rms": "ARC, RMSProp ellipsoid",
-    "adam_lr0.001": "Adam, lr 1e-3",
-})
-_COLORS.update({"tr_rms_full_hessian": "darkred", "tr_rms_hessian_1_8": "tab:red", "tr_rms_hessian_1_32": "salmon",
-                "tr_adam": "tab:green", "tr_hutchinson": "tab:pink", "tr_fisher": "gold",
-                "tr_rms_safeguarded": "tab:brown", "tr_rms_ggn": "navy", "arc_rms": "black",
-                "adam_lr0.001": "teal"})
-
-# ----------------------------------------------------------------------------- chapter 5's authors' settings
-#: Runs with the authors' table (``preset="paper"``) shown next to the library's defaults are
-#: relabelled ``<method>_paper`` (chapter 5 of the course), so that the two never share a curve.
-METHOD_LABELS.update({f"{m}_paper": f"{METHOD_LABELS[m]}, authors' settings" for m in ("tr_uniform", "tr_adagrad", "tr_rms")})
-_COLORS.update({"tr_uniform_paper": "lightskyblue", "tr_adagrad_paper": "peru", "tr_rms_paper": "orchid"})
 
 
 # ----------------------------------------------------------------------------- autoencoders

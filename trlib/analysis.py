@@ -47,17 +47,12 @@ Operator = Callable[[Tensor], Tensor]
 Probes = Union[int, Tensor]
 
 
-def _check_like(like: Tensor) -> Tensor:
+def _check(matvec, like: Tensor) -> None:
     if not isinstance(like, Tensor) or like.ndim != 1 or not like.is_floating_point() or like.numel() == 0:
         raise ValueError("Invalid like: expected a non-empty 1-D floating-point tensor with the operator's size, "
                          "dtype and device (the flat gradient, say)")
-    return like
-
-
-def _check_operator(matvec) -> Operator:
     if not callable(matvec):
         raise ValueError("Invalid matvec: expected a callable v -> H v on flat tensors")
-    return matvec
 
 
 def _default_generator(generator: Optional[torch.Generator]) -> torch.Generator:
@@ -154,8 +149,7 @@ def eigenpairs(matvec: Operator, like: Tensor, k: int = 1, *, which: str = "larg
     Symmetric Eigenvalue Problem* (1998), Theorem 4.5.1 (Kahan); Yao, Gholami, Keutzer &
     Mahoney, *PyHessian* (2020).
     """
-    like = _check_like(like)
-    matvec = _check_operator(matvec)
+    _check(matvec, like)
     n = like.numel()
     if which not in _WHICH:
         raise ValueError(f"Invalid which: {which!r}; expected one of {_WHICH}")
@@ -225,8 +219,7 @@ def _mean_and_stderr(samples: Iterator[Tensor], count: int, dtype) -> Tuple[Tens
 
 
 def _hutchinson(matvec, like, probes, chunk, generator, reduce):
-    like = _check_like(like)
-    matvec = _check_operator(matvec)
+    _check(matvec, like)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"Invalid chunk: {chunk!r} (must be a positive int)")
     z = _probe_matrix(probes, like, generator)
@@ -360,8 +353,7 @@ def spectral_density(matvec: Operator, like: Tensor, probes: Probes = 10, steps:
     *SIAM Review* 58 (2016); Ubaru, Chen & Saad, *SIMAX* 38 (2017); Ghorbani, Krishnan & Xiao,
     *ICML* (2019).
     """
-    like = _check_like(like)
-    matvec = _check_operator(matvec)
+    _check(matvec, like)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r} (must be a positive int)")
     z = _probe_matrix(probes, like, generator)

@@ -167,6 +167,10 @@ def _cache_root() -> Path:
     return Path.home() / ".cache" / "trlib" / "data"
 
 
+def _root(root) -> Path:
+    return Path(root).expanduser() if root is not None else default_root()
+
+
 def search_path(name: str, root: Union[str, os.PathLike, None] = None) -> list:
     """The folders searched for a local copy of ``name``'s files, in order.
 
@@ -265,13 +269,11 @@ def load_dataset(
     spec = _DATASETS[key]
     if key in _IDX_DATASETS:
         x, y, source = _load_idx_dataset(key, root, train, download)
-        root = Path(root).expanduser() if root is not None else default_root()
     else:
-        root = Path(root).expanduser() if root is not None else default_root()
-        x, y = _load_raw(key, root, train, download)
-        source = str(root / spec.folder) if spec.folder else None
+        x, y = _load_raw(key, _root(root), train, download)
+        source = str(_root(root) / spec.folder) if spec.folder else None
     if spec.normalize if normalize is None else normalize:
-        mean, std = spec.mean_std or _train_stats(key, root)
+        mean, std = spec.mean_std or _train_stats(key, _root(root))
         shape = (1, -1) + (1,) * (x.dim() - 2) if len(mean) > 1 else ()
         x = (x - torch.tensor(mean).reshape(shape)) / torch.tensor(std).reshape(shape)
     input_shape = tuple(x.shape[1:])
@@ -497,7 +499,7 @@ def _load_idx_dataset(key: str, root, train: bool, download: Optional[bool]):
     spec = _DATASETS[key]
     folder = _find_idx_copy(key, root)
     if folder is None:
-        target = Path(root).expanduser() if root is not None else default_root()
+        target = _root(root)
         if download is False:
             raise DatasetUnavailableError(_missing_message(key, root, "download=False"))
         _load_torchvision(key, target, train, True, searched=root)  # downloads into target, or raises
@@ -554,7 +556,7 @@ def _load_torchvision(key, root, train, download, searched=None):
 
 def _missing_message(key: str, root, why: str) -> str:
     spec = _DATASETS[key]
-    target = Path(root).expanduser() if root is not None else default_root()
+    target = _root(root)
     if key in _IDX_DATASETS:
         places = [str(p) for p in search_path(key, root)]
         where = places[0] if len(places) == 1 else f"{', '.join(places[:-1])} or {places[-1]}"

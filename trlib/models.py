@@ -77,28 +77,18 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def _size2(image_size: ImageSize) -> Tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
-
-
 def _lenet_features(image_size: ImageSize, kernel: int = 5) -> Tuple[int, Tuple[int, int]]:
     """Padding and output size of two ``conv(kernel) -> maxpool(2)`` blocks.
 
     Unpadded convolutions (the original LeNet) when the image is big enough, e.g. 28 -> 24
     -> 12 -> 8 -> 4; otherwise "same" padding, so 8x8 digits give 8 -> 4 -> 2.
     """
-    h, w = _size2(image_size)
+    h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     for pad in (0, kernel // 2):
-        out = []
-        for s in (h, w):
-            for _ in range(2):
-                s = (s + 2 * pad - kernel + 1) // 2
-            out.append(s)
+        block = lambda s: (s + 2 * pad - kernel + 1) // 2  # noqa: E731
+        out = (block(block(h)), block(block(w)))
         if min(out) >= 1:
-            return pad, (out[0], out[1])
+            return pad, out
     raise ValueError(f"image_size {image_size} is too small for two 5x5 conv + 2x2 pool blocks (need >= 4)")
 
 

@@ -246,13 +246,12 @@ def minimize(
             raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
     if not (isinstance(max_iter, int) and max_iter >= 0):
         raise ValueError(f"Invalid max_iter: {max_iter!r} (must be a non-negative int)")
-    if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
-        raise ValueError(f"Invalid radius: {radius!r} (must be a positive finite number)")
     arc = method == "arc"
+    name, value = ("sigma", sigma) if arc else ("radius", radius)  # the first radius or weight
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a positive finite number)")
     generator = torch.Generator().manual_seed(0)
     if arc:
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"Invalid sigma: {sigma!r} (must be a positive finite number)")
         RadiusRule(eta1, eta2, increase, decrease, max_radius)  # the same checks, with the names given here
         rule, radius = SigmaRule(eta1, eta2, increase, decrease, 1.0 / max_radius), float(sigma)
         solver = CubicSolver(max_iter=max_krylov, generator=generator)

@@ -46,28 +46,22 @@ from .curvature import FlatView, frozen_batchnorm_stats
 __all__ = ["ggn_operator", "per_sample_gradients", "GGN_LOSSES"]
 
 Operator = Callable[[Tensor], Tensor]
-GGN_LOSSES = ("cross_entropy", "mse")
-_BY_FUNCTION = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse"}
+#: loss name -> (its torch.nn.functional form, its module)
+_LOSSES = {"cross_entropy": (F.cross_entropy, nn.CrossEntropyLoss), "mse": (F.mse_loss, nn.MSELoss)}
+GGN_LOSSES = tuple(_LOSSES)
 
 
 def _loss_name_and_reduction(loss, reduction: Optional[str]):
     """('cross_entropy' | 'mse', 'mean' | 'sum') from a name, a torch.nn.functional loss or a loss module."""
-    name = None
-    if isinstance(loss, str) and loss in GGN_LOSSES:
-        name = loss
-    elif callable(loss) and not isinstance(loss, nn.Module) and loss in _BY_FUNCTION:
-        name = _BY_FUNCTION[loss]
-    elif isinstance(loss, nn.CrossEntropyLoss):
-        if loss.weight is not None:
-            raise ValueError("Invalid loss: class weights in CrossEntropyLoss are not supported by GGN products")
-        name, reduction = "cross_entropy", reduction or loss.reduction
-    elif isinstance(loss, nn.MSELoss):
-        name, reduction = "mse", reduction or loss.reduction
+    name = next((n for n, (function, module) in _LOSSES.items()
+                 if loss is function or isinstance(loss, module) or (isinstance(loss, str) and loss == n)), None)
     if name is None:
         raise ValueError(f"Invalid loss: {loss!r}; GGN products need a loss convex in the network's outputs with a "
                          f"known output-space Hessian: one of {GGN_LOSSES} (or F.cross_entropy, F.mse_loss, "
                          f"nn.CrossEntropyLoss, nn.MSELoss)")
-    reduction = reduction or "mean"
+    if getattr(loss, "weight", None) is not None:
+        raise ValueError("Invalid loss: class weights in CrossEntropyLoss are not supported by GGN products")
+    reduction = reduction or getattr(loss, "reduction", "mean")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"Invalid reduction: {reduction!r} (expected 'mean' or 'sum')")
     return name, reduction
@@ -190,7 +184,7 @@ def per_sample_gradients(module: nn.Module, inputs: Tensor, targets: Tensor, los
     if any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in module.modules()):
         raise ValueError("Invalid module: BatchNorm in train mode mixes the samples of a batch, so per-sample "
                          "gradients are undefined; use module.eval() or a per-sample normalisation")
-    loss_fn = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}.get(loss, loss) if isinstance(loss, str) else loss
+    loss_fn = _LOSSES[loss][0] if isinstance(loss, str) and loss in _LOSSES else loss
     if not callable(loss_fn):
         raise ValueError(f"Invalid loss: {loss!r} (expected 'cross_entropy', 'mse' or a callable)")
     if inputs.shape[0] != targets.shape[0] or inputs.shape[0] == 0:

@@ -54,6 +54,14 @@ glued: Dict[str, Any] = {}
 _UNSET = object()
 
 
+def _env(name: str, choices, expected: str) -> str:
+    # a setting from the environment, lower case ("" when unset), or a clear error
+    value = os.environ.get(name, "").strip().lower()
+    if value and value not in choices:
+        raise ValueError(f"invalid {name} {value!r}: expected {expected}")
+    return value
+
+
 def on_colab() -> bool:
     """True inside a Google Colab kernel."""
     return "google.colab" in sys.modules
@@ -68,12 +76,8 @@ def mode() -> str:
     ...     mode()
     'full'
     """
-    forced = os.environ.get("TRLIB_MODE", "").strip().lower()
-    if forced:
-        if forced not in MODES:
-            raise ValueError(f"invalid TRLIB_MODE {forced!r}: expected one of {', '.join(MODES)}")
-        return forced
-    return "medium" if torch.cuda.is_available() else "quick"
+    forced = _env("TRLIB_MODE", MODES, f"one of {', '.join(MODES)}")
+    return forced or ("medium" if torch.cuda.is_available() else "quick")
 
 
 def is_full() -> bool:
@@ -173,12 +177,8 @@ def glue(name: str, value: Any, display: bool = True) -> None:
 def show_progress() -> bool:
     """Whether the chapters show progress bars: ``TRLIB_PROGRESS`` (``1``/``0``) when set, else
     in medium and full mode only (quick cells are short, and bars do not belong in the book)."""
-    forced = os.environ.get("TRLIB_PROGRESS", "").strip().lower()
-    if forced:
-        if forced not in ("0", "1", "true", "false", "yes", "no"):
-            raise ValueError(f"invalid TRLIB_PROGRESS {forced!r}: expected 1 or 0")
-        return forced in ("1", "true", "yes")
-    return mode() != "quick"
+    forced = _env("TRLIB_PROGRESS", ("0", "1", "true", "false", "yes", "no"), "1 or 0")
+    return forced in ("1", "true", "yes") if forced else mode() != "quick"
 
 
 def progress(iterable=None, **kwargs):
@@ -201,15 +201,6 @@ checked: Dict[str, bool] = {}
 
 class OutcomeError(AssertionError):
     """An outcome the page's text states does not hold in this run (see :func:`check`)."""
-
-
-def _check_action() -> str:
-    forced = os.environ.get("TRLIB_CHECKS", "").strip().lower()
-    if forced:
-        if forced not in ("raise", "warn"):
-            raise ValueError(f"invalid TRLIB_CHECKS {forced!r}: expected raise or warn")
-        return forced
-    return "warn" if on_colab() else "raise"
 
 
 def check(name: str, holds: Any, says: str) -> None:
@@ -241,6 +232,7 @@ def check(name: str, holds: Any, says: str) -> None:
         return
     message = (f'the text says "{says}" (check {name!r}), but this run does not bear it out; '
                "change the text or find out what changed in the run")
-    if _check_action() == "raise":
+    action = _env("TRLIB_CHECKS", ("raise", "warn"), "raise or warn") or ("warn" if on_colab() else "raise")
+    if action == "raise":
         raise OutcomeError(message)
     warnings.warn("Note for this run: " + message, stacklevel=2)

@@ -22,15 +22,9 @@ root is unique. When :math:`c` vanishes on the leftmost eigenspace and
 :math:`\lambda = -\theta_1` and a leftmost eigenvector fills the step up to
 :math:`\|x\| = \lambda/\sigma`.
 
-Methods of :func:`solve_cubic`:
-
-``"lanczos"``
-    the model restricted to the Lanczos space of :math:`\tilde g`, solved exactly
-    through the eigendecomposition of the tridiagonal :math:`T_k`; stops on the
-    model's gradient (below); restarts when the Krylov space becomes invariant, which
-    finds the hard case;
-``"exact"``
-    the dense eigendecomposition, for small problems and as a reference.
+Methods: ``"lanczos"`` (the model on the Lanczos space of :math:`\tilde g`, :func:`solve_cubic`; it
+restarts when the Krylov space becomes invariant, which finds the hard case) and ``"exact"`` (the
+dense eigendecomposition, for small problems and as a reference).
 
 Example: a saddle, where the Newton step would go uphill.
 

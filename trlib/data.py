@@ -240,9 +240,8 @@ def load_dataset(
             ``"digits"``, ``"mnist1d"``).
         root: data directory (default :func:`default_root`). torchvision's layout is used
             below it (``<root>/MNIST/raw/``, ``<root>/cifar-10-batches-py/``); MNIST-1D is
-            cached in ``<root>/mnist1d/``. MNIST and Fashion-MNIST are read from the first
-            complete copy on :func:`search_path` (without ``root``: ``$TRLIB_DATA``, the cache,
-            then a system-wide copy such as Debian's ``/usr/share/datasets/fashion-mnist``).
+            cached in ``<root>/mnist1d/``. MNIST and Fashion-MNIST: the first complete copy on
+            :func:`search_path`.
         train: the training split if True, else the test split. ``digits`` has no official
             split: a fixed stratified 80/20 split (seed 0) is used.
         device: where to put the tensors (default: CPU).
@@ -250,10 +249,8 @@ def load_dataset(
             missing torchvision dataset into ``root`` (a local copy is always used as it is,
             without a checksum and without a download attempt).
         flatten: reshape inputs to ``(len, prod(input_shape))``.
-        normalize: standardise per channel after scaling to [0, 1]. Default: True for
-            CIFAR-10, False otherwise (see the module docstring for why). MNIST,
-            Fashion-MNIST and CIFAR-10 use the published training-set constants; digits and
-            MNIST-1D use statistics of their own training split.
+        normalize: standardise per channel (default: CIFAR-10 only, see above) with the
+            published training-set constants, or for digits and MNIST-1D their training split's.
 
     Raises:
         DatasetUnavailableError: the dataset is missing and could not be downloaded; the

@@ -44,7 +44,8 @@ Y_LABELS = {"train_loss": "training loss", "test_loss": "test loss",
 #: what it changes (``hessian_batch``: the fraction of the batch the Hessian-vector products see;
 #: ``norm``: the region's shape). Runs with the authors' table (``preset="paper"``) shown next to the
 #: library's defaults are relabelled ``<method>_paper`` (chapter 5), so that the two never share a curve.
-METHOD_LABELS = {"tr_uniform": "TR, sphere (uniform)", "tr_uniform_equal_volume": "TR, sphere (equal-volume first radius)",
+METHOD_LABELS = {"tr_uniform": "TR, sphere (uniform)",
+                 "tr_uniform_equal_volume": "TR, sphere (equal-volume first radius)",
                  "tr_adagrad": "TR, Adagrad ellipsoid", "tr_rms": "TR, RMSProp ellipsoid", "sgd": "SGD",
                  "adagrad": "Adagrad", "rmsprop": "RMSProp", "adam": "Adam",
                  "tr_rms_full_hessian": "TR-RMS, products on the whole batch",
@@ -54,7 +55,8 @@ METHOD_LABELS = {"tr_uniform": "TR, sphere (uniform)", "tr_uniform_equal_volume"
                  "tr_rms_safeguarded": "TR, RMSProp ellipsoid, safeguarded",
                  "tr_rms_ggn": "TR-RMS, Gauss-Newton curvature", "arc_rms": "ARC, RMSProp ellipsoid",
                  "adam_lr0.001": "Adam, lr 1e-3"}
-METHOD_LABELS.update({f"{m}_paper": f"{METHOD_LABELS[m]}, authors' settings" for m in ("tr_uniform", "tr_adagrad", "tr_rms")})
+METHOD_LABELS.update({f"{m}_paper": f"{METHOD_LABELS[m]}, authors' settings"
+                      for m in ("tr_uniform", "tr_adagrad", "tr_rms")})
 _COLORS = {"tr_uniform": "tab:blue", "tr_uniform_equal_volume": "tab:brown", "tr_adagrad": "tab:orange",
            "tr_rms": "tab:red", "sgd": "tab:gray", "adagrad": "tab:olive", "rmsprop": "tab:purple", "adam": "tab:cyan",
            "tr_rms_full_hessian": "darkred", "tr_rms_hessian_1_8": "tab:red", "tr_rms_hessian_1_32": "salmon",

@@ -48,7 +48,8 @@ from torch import Tensor
 
 from .lanczos import Lanczos
 from .norms import ellipsoid_norm
-from .subproblem import GLTR, Exact, Solver, SubproblemResult, model_value
+from .curvature import NonFiniteCurvatureError
+from .subproblem import GLTR, Solver, SubproblemResult, model_value
 
 __all__ = ["CubicResult", "CubicSolver", "solve_cubic", "cubic_model", "CUBIC_METHODS"]
 
@@ -219,10 +220,18 @@ class CubicSolver(Solver):
         self.method = method
 
     def _setup(self):
-        if self.method == "exact":
-            Exact._setup(self)  # eigvals, eigvecs, coeffs of the scaled Hessian
-        else:
+        if self.method == "lanczos":
             self.lz = Lanczos(self.op, self.g, generator=self.generator)
+            return
+        # float64 on the host: a badly scaled ellipsoid's small eigenvalues are lost to a float32 eigh
+        H = self.op.dense().detach().double().cpu().numpy()
+        if not np.all(np.isfinite(H)):
+            raise NonFiniteCurvatureError()
+        self.eigvals, self.eigvecs = np.linalg.eigh(0.5 * (H + H.T))
+        self.coeffs = self.eigvecs.T @ self.g.detach().double().cpu().numpy()
+
+    def _vector(self, x: np.ndarray) -> Tensor:
+        return torch.as_tensor(x, dtype=self.g.dtype).to(self.g.device)
 
     def solve(self, sigma: float, rtol: Optional[float] = None) -> SubproblemResult:
         """The minimiser of the model for weight ``sigma`` (and a Lanczos tolerance ``rtol``, default the solver's)."""
@@ -231,7 +240,7 @@ class CubicSolver(Solver):
     def _solve(self, sigma, rtol):
         if self.method == "exact":
             x, lam, hard = _secular(self.eigvals, self.coeffs, sigma)
-            u = self.eigvecs @ torch.as_tensor(x, dtype=self.g.dtype).to(self.g.device)
+            u = self._vector(self.eigvecs @ x)
             decrease, negative, converged = -_model(self.eigvals, self.coeffs, x, sigma), self.eigvals[0] < 0, True
         else:
             u, decrease, lam, negative, hard, converged = _lanczos(self.lz, sigma, rtol, self.limit)
@@ -242,7 +251,8 @@ class CubicSolver(Solver):
         """``(curvature, direction)``: the leftmost Ritz pair found so far, as a direction :math:`s`
         with its Rayleigh quotient in the region's norm; None before any product."""
         if self.method == "exact":
-            return Exact.leftmost(self)
+            u = self._vector(self.eigvecs[:, 0])
+            return float(self.eigvals[0]), u if self.scale is None else self.scale * u
         return GLTR.leftmost(self) if self.lz.k else None
 
 

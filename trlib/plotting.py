@@ -95,8 +95,8 @@ def mean_band(curves: Sequence[Tuple[Sequence[float], Sequence[float]]], grid_po
     return grid, mean, mean - half, mean + half
 
 
-def _group(records: Iterable[Dict[str, Any]]) -> Dict[tuple, Dict[Any, List[Dict[str, Any]]]]:
-    """``{(task, dataset, method): {seed: records in step order}}``."""
+def group_runs(records: Iterable[Dict[str, Any]]) -> Dict[tuple, Dict[Any, List[Dict[str, Any]]]]:
+    """``{(task, dataset, method): {seed: records sorted by step}}``."""
     groups: Dict[tuple, Dict[Any, List[Dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         groups[(rec["task"], rec["dataset"], rec["method"])][rec["seed"]].append(rec)
@@ -105,7 +105,7 @@ def _group(records: Iterable[Dict[str, Any]]) -> Dict[tuple, Dict[Any, List[Dict
 
 
 def _select(records: Iterable[Dict[str, Any]], task: Optional[str], methods: Optional[Sequence[str]]):
-    groups = _group(records)
+    groups = group_runs(records)
     if task is not None:
         groups = {k: v for k, v in groups.items() if k[0] == task}
     if methods is not None:
@@ -187,7 +187,7 @@ def plot_comparison(records: Iterable[Dict[str, Any]], x: str = "backprops",
     import matplotlib.pyplot as plt
 
     records = list(records)
-    problems = sorted({k[:2] for k in _group(records)})
+    problems = sorted({k[:2] for k in group_runs(records)})
     if tasks is not None:
         problems = [p for p in problems if p[0] in tasks]
     if not problems:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from ..plotting import group_runs  # one definition, in the library (plotting may not import experiments)
 from .configs import METHODS
 from .storage import atomic_write
 
@@ -180,15 +181,6 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, f
         return mean, math.nan
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     return mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-
-
-def group_runs(records: Iterable[Dict[str, Any]]) -> Dict[tuple, Dict[int, List[Dict[str, Any]]]]:
-    """``{(task, dataset, method): {seed: records sorted by step}}``."""
-    groups: Dict[tuple, Dict[int, List[Dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for rec in records:
-        groups[(rec["task"], rec["dataset"], rec["method"])][rec["seed"]].append(rec)
-    return {k: {seed: sorted(v, key=lambda r: r["step"]) for seed, v in sorted(runs.items())}
-            for k, runs in groups.items()}
 
 
 def first_reach(records: Sequence[Dict[str, Any]], metric: str = "train_acc",

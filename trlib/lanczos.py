@@ -51,7 +51,7 @@ Operator = Callable[[Tensor], Tensor]
 class Lanczos:
     """An incremental Lanczos process with full reorthogonalisation and restarts.
 
-    Call :meth:`step` once per operator application. ``start`` may be zero (or None), in
+    Call :meth:`step` once per operator application. ``start`` (1-D) may be zero, in
     which case the first block starts from a random vector drawn with ``generator``.
     ``alphas``/``betas`` hold :math:`T` (``betas[i]`` couples basis vectors ``i`` and
     ``i + 1``, 0 between blocks), ``block_starts`` the first index of every block,

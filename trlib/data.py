@@ -82,19 +82,12 @@ class DatasetInfo:
     package: Optional[str] = None   # the Debian/Ubuntu package that installs them
 
 
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _DATASETS = {
-    "mnist": DatasetInfo(
-        "MNIST", (1, 28, 28), 10, False, ((0.1307,), (0.3081,)), "MNIST", "MNIST/raw",
-        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-    ),
-    "fashion_mnist": DatasetInfo(
-        "Fashion-MNIST", (1, 28, 28), 10, False, ((0.2860,), (0.3530,)), "FashionMNIST",
-        "FashionMNIST/raw",
-        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-        ("/usr/share/datasets/fashion-mnist",), "dataset-fashion-mnist",
-    ),
+    "mnist": DatasetInfo("MNIST", (1, 28, 28), 10, False, ((0.1307,), (0.3081,)), "MNIST", "MNIST/raw", _IDX_FILES),
+    "fashion_mnist": DatasetInfo("Fashion-MNIST", (1, 28, 28), 10, False, ((0.2860,), (0.3530,)), "FashionMNIST",
+                                 "FashionMNIST/raw", _IDX_FILES, ("/usr/share/datasets/fashion-mnist",),
+                                 "dataset-fashion-mnist"),
     "cifar10": DatasetInfo(
         # True per-pixel std of the training set (not the often-copied 0.2023/0.1994/0.2010).
         "CIFAR-10", (3, 32, 32), 10, True,
@@ -112,11 +105,7 @@ DATASETS = tuple(_DATASETS)
 #: Offline stand-ins for each downloadable dataset, preferred first. ``digits`` keeps the
 #: image layout (1x8x8), so every task runs on it; ``mnist1d`` is flat (40 features) and
 #: only suits the MLP and autoencoder tasks.
-STAND_INS = {
-    "mnist": ("digits", "mnist1d"),
-    "fashion_mnist": ("digits", "mnist1d"),
-    "cifar10": ("digits", "mnist1d"),
-}
+STAND_INS = {name: ("digits", "mnist1d") for name in ("mnist", "fashion_mnist", "cifar10")}
 
 
 @dataclass(frozen=True)

@@ -89,21 +89,19 @@ class NonFiniteLossError(FloatingPointError, ValueError):
     """The closure returned NaN or inf at the current (accepted) parameters."""
 
 
-def _check(h: dict) -> None:
-    """Validate the hyperparameters of a param group (a clear ValueError naming the first bad one)."""
-    if h["radius"] is not None and not (isinstance(h["radius"], (int, float)) and math.isfinite(h["radius"])
-                                        and h["radius"] > 0):
-        raise ValueError(f"Invalid radius: {h['radius']!r} (must be a positive finite number, or None for automatic)")
-    RadiusRule(h["eta1"], h["eta2"], h["increase"], h["decrease"], h["max_radius"])  # validates those five
-    if h["radius"] is not None and h["radius"] > h["max_radius"]:
-        raise ValueError(f"Invalid radius: {h['radius']!r} exceeds max_radius={h['max_radius']!r}")
-    if h["method"] not in METHODS:
-        raise ValueError(f"Invalid method: {h['method']!r}; expected one of {METHODS}")
-    _check_shared(h)
-
-
-def _check_shared(h: dict) -> None:
-    """The options TrustRegion and ARC share."""
+def _check_options(h: dict, control: str, rule: Callable[[dict], object], methods) -> None:
+    """Validate the hyperparameters of a param group (a clear ValueError naming the first bad one):
+    the reach ``control`` (TrustRegion's radius, ARC's sigma), the five the update ``rule`` checks
+    on construction, the method and the options both optimizers share."""
+    value = h[control]
+    if value is not None and (isinstance(value, bool) or not (
+            isinstance(value, (int, float)) and math.isfinite(value) and value > 0)):
+        raise ValueError(f"Invalid {control}: {value!r} (must be a positive finite number, or None for automatic)")
+    rule(h)
+    if control == "radius" and value is not None and value > h["max_radius"]:
+        raise ValueError(f"Invalid radius: {value!r} exceeds max_radius={h['max_radius']!r}")
+    if h["method"] not in methods:
+        raise ValueError(f"Invalid method: {h['method']!r}; expected one of {methods}")
     if not (isinstance(h["krylov_tol"], (int, float)) and 0 < h["krylov_tol"] < 1):
         raise ValueError(f"Invalid krylov_tol: {h['krylov_tol']!r} (must lie in (0, 1))")
     for name in ("max_krylov", "check_every"):
@@ -317,36 +315,38 @@ class TrustRegion(torch.optim.Optimizer):
                  eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
                  module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0,
                  distributed: bool = False, process_group=None, lr: float = 1.0, weight_decay: float = 0.0):
-        shape = norms.get_norm(norm, beta=beta, eps=eps)
-        if decrease is None:
-            decrease = DEFAULTS.get(shape.name, _FALLBACK)["decrease"]
-        defaults = dict(norm=shape.name, radius=None if radius is None else float(radius), max_radius=max_radius,
-                        eta1=eta1, eta2=eta2, increase=increase, decrease=decrease, method=method,
-                        krylov_tol=krylov_tol, max_krylov=max_krylov, beta=getattr(shape, "beta", beta),
-                        eps=getattr(shape, "eps", eps), gtol=gtol, hvp=hvp, check_every=check_every, seed=seed,
-                        lr=lr, weight_decay=weight_decay)
-        self._setup(params, defaults, shape, isinstance(norm, str) or norm is None, module, distributed,
-                    process_group)
+        self._setup(params, norm, module, distributed, process_group, dict(
+            radius=None if radius is None else float(radius), max_radius=max_radius, eta1=eta1, eta2=eta2,
+            increase=increase, decrease=decrease, method=method, krylov_tol=krylov_tol, max_krylov=max_krylov,
+            beta=beta, eps=eps, gtol=gtol, hvp=hvp, check_every=check_every, seed=seed, lr=lr,
+            weight_decay=weight_decay))
 
     #: The hyperparameter (and state entry) that sets the model's reach: the radius here, ARC's sigma.
     _control = "radius"
+    _methods = METHODS
 
-    def _check_group(self, h: dict) -> None:
-        _check(h)
-
-    def _setup(self, params, defaults, shape, named_norm, module, distributed, process_group) -> None:
-        """The checks and attributes every optimizer of this engine shares."""
+    def _setup(self, params, norm, module, distributed, process_group, options: dict) -> None:
+        """The defaults (the norm's name and its beta and eps, the norm's default ``decrease``), checks
+        and attributes every optimizer of this engine shares."""
+        shape = norms.get_norm(norm, beta=options["beta"], eps=options["eps"])
+        defaults = dict(norm=shape.name, **options)
+        defaults.update(beta=getattr(shape, "beta", options["beta"]), eps=getattr(shape, "eps", options["eps"]))
+        if defaults["decrease"] is None:
+            defaults["decrease"] = DEFAULTS.get(shape.name, _FALLBACK)["decrease"]
         self._check_group(defaults)
         if defaults["hvp"] == "forward_over_reverse" and module is None:
             raise ValueError("Invalid module: hvp='forward_over_reverse' needs the nn.Module (module=model)")
         if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("Invalid distributed: torch.distributed is not initialized "
                              "(call torch.distributed.init_process_group first, e.g. under torchrun)")
-        self.norm, self._named_norm = shape, named_norm
+        self.norm, self._named_norm = shape, isinstance(norm, str) or norm is None
         torch.optim.Optimizer.__init__(self, params, defaults)
         self.module = module
         self.distributed = bool(distributed)
         self.process_group = process_group
+
+    def _check_group(self, h: dict) -> None:
+        _check_options(h, self._control, self._rule, self._methods)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group of parameters (e.g. layers unfrozen while fine-tuning); they train from the next step.
@@ -428,12 +428,20 @@ class TrustRegion(torch.optim.Optimizer):
                                  "before the first step or create a new TrustRegion")
         st.update(norm_state=grown, size=old + new)
 
+    def _live(self) -> Optional[float]:
+        """The radius (ARC: sigma) the next step will use (None before an automatic first one is set)."""
+        group = self.param_groups[0]
+        value = self._state().get(self._control, group[self._control])
+        return value if value is None else self._bounded(value, group)
+
+    @staticmethod
+    def _bounded(radius: float, group: dict) -> float:
+        return min(radius, group["max_radius"])
+
     @property
     def radius(self) -> Optional[float]:
         """The radius the next step will use (None before an automatic first radius is set)."""
-        group = self.param_groups[0]
-        r = self._state().get("radius", group["radius"])
-        return r if r is None else min(r, group["max_radius"])
+        return self._live()
 
     @property
     def counts(self) -> Dict[str, float]:
@@ -502,23 +510,23 @@ class TrustRegion(torch.optim.Optimizer):
             raise ValueError(f"Invalid state_dict: {c} {r!r} (must be positive and finite)")
         if not isinstance(st["counts"], dict) or set(st["counts"]) != {"gradient", "hvp", "forward"}:
             raise ValueError(f"Invalid state_dict: counts {st['counts']!r}")
-        params = self._params()
-        like = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        if st["size"] != like.numel():
+        size = sum(p.numel() for p in self._params())
+        if st["size"] != size:
             raise ValueError(f"Invalid state_dict: saved for {st['size']} parameters, this optimizer has "
-                             f"{like.numel()} (a checkpoint of another model?)")
-        self._adopt_norm_state(st, like, check=True)
+                             f"{size} (a checkpoint of another model?)")
+        self._adopt_norm_state(st, check=True)
         st["generator"] = st["generator"].to("cpu", torch.uint8)
 
-    def _adopt_norm_state(self, st: dict, like: Tensor, check: bool = False) -> None:
+    def _adopt_norm_state(self, st: dict, check: bool = False) -> None:
         """Bring the norm's state to the parameters' device and dtype (torch's loading, or a model
         moved after the first step, may have left it elsewhere), checking it fits the norm."""
-        template = self.norm.init(like)
+        like = self._params()[0]
+        template = self.norm.init(torch.zeros(st["size"], dtype=like.dtype, device=like.device))
         saved = st["norm_state"]
         if not isinstance(saved, dict) or set(saved) != set(template) or any(
                 not isinstance(saved[k], Tensor) or saved[k].shape != v.shape for k, v in template.items()):
             raise ValueError(f"Invalid state_dict: the norm state does not fit this {self.norm.name!r} norm on "
-                             f"{like.numel()} parameters (a checkpoint of another model?)")
+                             f"{st['size']} parameters (a checkpoint of another model?)")
         if check and not all(bool(torch.all(torch.isfinite(v))) for v in saved.values()):
             raise ValueError("Invalid state_dict: the norm state contains NaN or inf")
         st["norm_state"] = {k: saved[k].to(dtype=v.dtype, device=v.device) for k, v in template.items()}
@@ -630,17 +638,22 @@ class TrustRegion(torch.optim.Optimizer):
         return norm_state, ellipsoid, model_grad, op, radius, cauchy, grad_norm
 
     def _reach(self, group, st, model_grad, op, ellipsoid):
-        """The radius of this step, and the Cauchy solver when the automatic first radius queried one."""
-        # writing the group's radius sets the live radius
-        radius = group["radius"] if group["radius"] != st["initial_radius"] else st["radius"]
-        cauchy = None
-        if radius is None:
+        """The radius (ARC: sigma) of this step, and the Cauchy solver when the automatic first one
+        queried it; writing the group's value sets the live one."""
+        c, cauchy = self._control, None
+        value = group[c] if group[c] != st["initial_" + c] else st[c]
+        if value is None:
             # The Cauchy step's length in the region's variables u = A^{1/2} s: invariant to rescaling
             # the loss for the sphere, and scaling like ||s||_A for adaptive norms.
             cauchy = Cauchy().query(model_grad, op, ellipsoid)
             length = cauchy.gnorm**3 / cauchy.curvature if cauchy.curvature > 0 else cauchy.gnorm
-            radius = float(min(max(length, 1e-12), group["max_radius"])) if cauchy.gnorm > 0 else 1.0
-        return min(radius, group["max_radius"]), cauchy
+            value = self._first(cauchy.gnorm, max(length, 1e-12)) if cauchy.gnorm > 0 else 1.0
+        return float(self._bounded(value, group)), cauchy
+
+    @staticmethod
+    def _first(gnorm: float, length: float) -> float:
+        """The automatic first radius: the Cauchy step's length."""
+        return length
 
     def _solver(self, group, rtol, generator, cauchy, grad, op, ellipsoid):
         """The subproblem solver, queried at this point."""
@@ -651,11 +664,12 @@ class TrustRegion(torch.optim.Optimizer):
     def _rule(self, group):
         return RadiusRule(group["eta1"], group["eta2"], group["increase"], group["decrease"], group["max_radius"])
 
-    def _test_loss(self, test_closure, replay) -> float:
-        """The independent batch's loss at the current point (forward only, the first call's randomness)."""
+    def _forward(self, fn, replay, name: str) -> float:
+        """A closure's loss at the current point: forward only, from the first call's randomness,
+        BatchNorm's running statistics left alone, averaged over processes."""
         with torch.no_grad(), _frozen_running_stats(self.module):
-            value = replay.again(test_closure)
-        _check_loss(value, "test_closure", differentiable=False)
+            value = replay.again(fn)
+        _check_loss(value, name, differentiable=False)
         return float(self._mean(value.detach()))
 
     @staticmethod
@@ -822,7 +836,7 @@ class TrustRegion(torch.optim.Optimizer):
         like = params[0]
         if any(v.is_floating_point() and v.numel() == size and (v.device != like.device or v.dtype != like.dtype)
                for v in st["norm_state"].values()):  # the model moved since the first step
-            self._adopt_norm_state(st, torch.zeros(size, dtype=like.dtype, device=like.device))
+            self._adopt_norm_state(st)
         counts = st["counts"]
         sizes = [sum(p.numel() for p in ps) for ps in by_group]
         lr = _per_coordinate([g["lr"] for g in self.param_groups], sizes, like)
@@ -879,7 +893,7 @@ class TrustRegion(torch.optim.Optimizer):
             noise = self._noise(sub_grad, noisy, model_grad, ellipsoid, active, fraction)
             reference = loss_value
             if test_closure is not None:  # the ratio test's loss at w_t, on the independent batch
-                reference = self._test_loss(test_closure, replay) + penalty()
+                reference = self._forward(test_closure, replay, "test_closure") + penalty()
                 counts["forward"] += 1
             generator = torch.Generator()
             generator.set_state(st["generator"])
@@ -899,11 +913,8 @@ class TrustRegion(torch.optim.Optimizer):
                     torch._foreach_copy_(self._backup, [p.detach() for p in moving_params])
                 moving_view.add_(step)
                 moved.append(True)
-                if test_closure is not None:
-                    value = self._test_loss(test_closure, replay)
-                else:
-                    with torch.no_grad(), _frozen_running_stats(self.module):
-                        value = float(self._mean(replay.again(closure).detach()))
+                value = self._forward(closure, replay, "closure") if test_closure is None else self._forward(
+                    test_closure, replay, "test_closure")
                 counts["forward"] += 1
                 return value + penalty()
 
@@ -932,17 +943,6 @@ class TrustRegion(torch.optim.Optimizer):
         if test_closure is not None:
             st["last"]["test_loss"] = reference
         return loss.detach()
-
-
-def _check_arc(h: dict) -> None:
-    """Validate an ARC param group (a clear ValueError naming the first bad option)."""
-    if h["sigma"] is not None and (isinstance(h["sigma"], bool) or not (
-            isinstance(h["sigma"], (int, float)) and math.isfinite(h["sigma"]) and h["sigma"] > 0)):
-        raise ValueError(f"Invalid sigma: {h['sigma']!r} (must be a positive finite number, or None for automatic)")
-    SigmaRule(h["eta1"], h["eta2"], h["increase"], h["decrease"], h["min_sigma"])  # validates those five
-    if h["method"] not in CUBIC_METHODS:
-        raise ValueError(f"Invalid method: {h['method']!r}; expected one of {CUBIC_METHODS}")
-    _check_shared(h)
 
 
 class ARC(TrustRegion):
@@ -1003,6 +1003,7 @@ class ARC(TrustRegion):
     """
 
     _control = "sigma"
+    _methods = CUBIC_METHODS
 
     def __init__(self, params, *, norm="rms", sigma: Optional[float] = None, min_sigma: float = 1e-8,
                  eta1: float = 0.01, eta2: float = 0.95, increase: float = 1.1, decrease: Optional[float] = None,
@@ -1010,40 +1011,30 @@ class ARC(TrustRegion):
                  eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
                  module: Optional[nn.Module] = None, seed: int = 0, distributed: bool = False, process_group=None,
                  lr: float = 1.0, weight_decay: float = 0.0):
-        shape = norms.get_norm(norm, beta=beta, eps=eps)
-        if decrease is None:
-            decrease = DEFAULTS.get(shape.name, _FALLBACK)["decrease"]
-        defaults = dict(norm=shape.name, sigma=None if sigma is None else sigma, min_sigma=min_sigma,
-                        eta1=eta1, eta2=eta2, increase=increase, decrease=decrease, method=method,
-                        krylov_tol=krylov_tol, max_krylov=max_krylov, beta=getattr(shape, "beta", beta),
-                        eps=getattr(shape, "eps", eps), gtol=gtol, hvp=hvp, check_every=1, seed=seed,
-                        lr=lr, weight_decay=weight_decay)
-        self._setup(params, defaults, shape, isinstance(norm, str) or norm is None, module, distributed,
-                    process_group)
-
-    def _check_group(self, h: dict) -> None:
-        _check_arc(h)
+        self._setup(params, norm, module, distributed, process_group, dict(
+            sigma=sigma, min_sigma=min_sigma, eta1=eta1, eta2=eta2, increase=increase, decrease=decrease,
+            method=method, krylov_tol=krylov_tol, max_krylov=max_krylov, beta=beta, eps=eps, gtol=gtol, hvp=hvp,
+            check_every=1, seed=seed, lr=lr, weight_decay=weight_decay))
 
     @property
     def sigma(self) -> Optional[float]:
         """The weight :math:`\\sigma` the next step will use (None before an automatic first one is set)."""
-        group = self.param_groups[0]
-        s = self._state().get("sigma", group["sigma"])
-        return s if s is None else max(s, group["min_sigma"])
+        return self._live()
 
     @property
     def radius(self) -> None:
         """None: ARC has no radius (its reach is set by :attr:`sigma`)."""
         return None
 
-    def _reach(self, group, st, model_grad, op, ellipsoid):
-        """The weight of this step (writing the group's ``sigma`` sets the live one)."""
-        sigma = group["sigma"] if group["sigma"] != st["initial_sigma"] else st["sigma"]
-        if sigma is None:
-            cauchy = Cauchy().query(model_grad, op, ellipsoid)
-            length = cauchy.gnorm**3 / cauchy.curvature if cauchy.curvature > 0 else cauchy.gnorm
-            sigma = cauchy.gnorm / max(length, 1e-12) ** 2 if cauchy.gnorm > 0 else 1.0
-        return float(max(sigma, group["min_sigma"])), None
+    @staticmethod
+    def _bounded(sigma: float, group: dict) -> float:
+        return max(sigma, group["min_sigma"])
+
+    @staticmethod
+    def _first(gnorm: float, length: float) -> float:
+        """The automatic first weight: the one whose cubic term alone would stop a step along
+        :math:`-\\tilde g` at the Cauchy step's length."""
+        return gnorm / length**2
 
     def _solver(self, group, rtol, generator, cauchy, grad, op, ellipsoid):
         return CubicSolver(group["method"], rtol=rtol, generator=generator,

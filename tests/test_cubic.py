@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import brentq
 
-from trlib.cubic import cubic_model, solve_cubic
+from trlib.cubic import CubicSolver, cubic_model, solve_cubic
 
 
 # ----------------------------------------------------------------------------- reference (NumPy/SciPy only)
@@ -284,8 +284,29 @@ def test_dense_and_callable_agree_and_deterministic():
 
 
 def test_non_finite_products_raise():
-    with pytest.raises(FloatingPointError):
-        solve_cubic(torch.ones(3), lambda v: v * float("nan"), 1.0)
+    for method in ("lanczos", "exact"):
+        with pytest.raises(FloatingPointError):
+            solve_cubic(torch.ones(3), lambda v: v * float("nan"), 1.0, method=method)
+
+
+def test_exact_pays_its_products_once_and_counts_them():
+    # the dense decomposition costs n products on the first solve; every later sigma costs none
+    rng = np.random.default_rng(4)
+    B = rng.standard_normal((5, 5))
+    H, g, a = torch.tensor(B + B.T), torch.tensor(rng.standard_normal(5)), torch.tensor(10 ** rng.uniform(-2, 2, 5))
+    calls = []
+
+    def hvp(v):
+        calls.append(1)
+        return H @ v
+
+    solver = CubicSolver("exact").query(g, hvp, a)
+    answers = [solver.solve(sigma) for sigma in (0.5, 2.0, 8.0)]
+    assert [r.iterations for r in answers] == [5, 0, 0] and len(calls) == 5
+    for sigma, r in zip((0.5, 2.0, 8.0), answers):
+        s_ref, lam_ref = cubic_reference(B + B.T, g.numpy(), sigma, a.numpy())
+        np.testing.assert_allclose(r.step.numpy(), s_ref, rtol=1e-8, atol=1e-10)
+        assert r.multiplier == pytest.approx(lam_ref, rel=1e-8) and not r.on_boundary
 
 
 @pytest.mark.parametrize("kwargs, match", [

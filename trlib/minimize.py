@@ -259,7 +259,7 @@ def minimize(
         rule = RadiusRule(eta1, eta2, increase, decrease, max_radius, grow_on_boundary_only=True)
         solver = get_solver(method, max_iter=max_krylov, generator=generator, certificate=certificate)
     shape = norms.get_norm(norm)
-    if getattr(shape, "uses_per_sample_gradients", False):
+    if shape.uses_per_sample_gradients:
         raise ValueError(f"Invalid norm: {shape.name!r} needs per-sample gradients; a function of x has none")
     norm_state = shape.init(x0)
     eps = torch.finfo(x0.dtype).eps
@@ -272,8 +272,7 @@ def minimize(
     fresh, saddle, last, spent = True, None, None, 0
     for it in range(max_iter):
         if fresh:  # a new point: the norm and the solver look at it once
-            ellipsoid = (shape.update(norm_state, point.grad, hvp=point.op) if getattr(shape, "uses_curvature", False)
-                         else shape.update(norm_state, point.grad))
+            ellipsoid = shape.update(norm_state, point.grad, **({"hvp": point.op} if shape.uses_curvature else {}))
             gnorm = float(torch.linalg.vector_norm(point.grad))
             fresh, saddle = False, None
             if gnorm > gtol:
@@ -328,6 +327,6 @@ def minimize(
             success = float(torch.linalg.vector_norm(point.grad)) <= gtol
             break
     c = point.counts
-    return MinimizeResult(x=variables.finish(point.x.detach()), fun=point.f, grad_norm=float(torch.linalg.vector_norm(point.grad)),
-                          success=success, message=message, nit=len(history), nfev=c["fun"], ngev=c["grad"],
-                          nhvp=c["hvp"], radius=radius, history=history)
+    return MinimizeResult(x=variables.finish(point.x.detach()), fun=point.f, success=success, message=message,
+                          grad_norm=float(torch.linalg.vector_norm(point.grad)), nit=len(history), nfev=c["fun"],
+                          ngev=c["grad"], nhvp=c["hvp"], radius=radius, history=history)

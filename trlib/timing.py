@@ -60,15 +60,9 @@ def synchronize(device: Union[str, torch.device, None] = None) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check_counts(repeats: int, warmup: int) -> None:
-    if not (isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1):
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    if not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0):
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-
-
-def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: Union[str, torch.device, None] = None, *, repeats: int = 5,
-                     warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> Dict[str, Dict[str, Any]]:
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: Union[str, torch.device, None] = None, *,
+                     repeats: int = 5, warmup: int = 1,
+                     clock: Callable[[], float] = time.perf_counter) -> Dict[str, Dict[str, Any]]:
     r"""Seconds of each function of ``fns``, timed round-robin.
 
     After ``warmup`` untimed rounds, each of ``repeats`` rounds calls every function once, in
@@ -85,7 +79,9 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: Union[str, to
     >>> "".join(calls), len(t["a"]["times"])
     ('ababab', 2)
     """
-    _check_counts(repeats, warmup)
+    for name, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not fns:
         raise ValueError("nothing to time: fns is empty")
     for name, fn in fns.items():
@@ -107,8 +103,8 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: Union[str, to
             for name, ts in times.items()}
 
 
-def time_median(fn: Callable[[], Any], device: Union[str, torch.device, None] = None, *, repeats: int = 5, warmup: int = 1,
-                clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
+def time_median(fn: Callable[[], Any], device: Union[str, torch.device, None] = None, *, repeats: int = 5,
+                warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
     """Median (and ``min``, ``max``, per-call ``times``) of ``repeats`` timed calls of ``fn``
     after ``warmup`` untimed ones, ``device`` synchronised around each call.
 

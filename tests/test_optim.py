@@ -430,3 +430,29 @@ def test_forward_over_reverse_with_mse_loss_matches_double_backward():
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
     assert a.counts == b.counts
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_raises_and_leaves_weights():
+    # the gradient's screen (its sum) fails on NaN or inf; the entrywise test confirms it
+    for bad in (math.nan, math.inf):
+        w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+        opt = trlib.TrustRegion([w])
+        scale = torch.tensor([1.0, bad, 1.0])
+
+        with pytest.raises(trlib.NonFiniteLossError, match="the gradient contains NaN/inf"):
+            opt.step(lambda: (w * w).sum() + _Spike.apply(w, scale))
+        assert torch.equal(w.detach(), torch.tensor([0.5, -1.0, 2.0]))
+
+
+class _Spike(torch.autograd.Function):
+    """Value 0, gradient ``scale`` (a finite loss whose gradient may be NaN or inf)."""
+
+    @staticmethod
+    def forward(ctx, w, scale):
+        ctx.save_for_backward(scale)
+        return w.sum() * 0.0
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (scale,) = ctx.saved_tensors
+        return grad_output * scale, None

@@ -392,3 +392,41 @@ def test_gltr_certificate_solves_exact_hard_cases_under_a_tolerance(inst):
     s = res.step.numpy()
     assert _norm(s, ellipsoid) <= radius * (1 + 1e-8)
     assert -model(H, g, s) >= 0.99 * best - 1e-12 * max(_scale(H, g, radius, ellipsoid), 1e-300)
+
+
+# ---------------------------------------------------------------------------- the finiteness screens
+@pytest.mark.parametrize("method", ["cauchy", "cg", "gltr"])
+def test_invalid_gradients_and_ellipsoids_are_refused_and_an_overflowing_norm_is_not(method):
+    # query screens its inputs with ||g~|| and the scale's sum and minimum, and runs the entrywise
+    # test only when the screen fails: the verdict must be the entrywise one either way
+    H = torch.eye(3, dtype=torch.float32)
+    g, a = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([1.0, 2.0, 0.5])
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="Invalid grad: contains NaN or inf"):
+            trlib.solve_subproblem(torch.tensor([1.0, bad, 0.5]), H, 1.0, ellipsoid=a, method=method)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="Invalid ellipsoid: entries must be positive and finite"):
+            trlib.solve_subproblem(g, H, 1.0, ellipsoid=torch.tensor([1.0, bad, 0.5]), method=method)
+    # finite entries whose norm overflows float32: the screen fails, the entrywise test passes (no
+    # product yet: Cauchy's query would spend one, and its curvature overflows too)
+    huge = torch.tensor([3e38, 3e38, 0.0])
+    assert math.isinf(float(torch.linalg.vector_norm(huge)))
+    assert math.isinf(trlib.subproblem.get_solver("cg").query(huge, H, torch.ones(3)).gnorm)
+
+
+def test_iterate_never_tries_a_non_finite_step_and_tries_one_whose_length_overflows():
+    # iterate reads the step's finiteness off its length; a length that overflows is checked entrywise
+    rule = trlib.RadiusRule(eta1=0.1, eta2=0.9, increase=2.0, decrease=2.0, max_radius=1e3)
+
+    def run(step):
+        tried = []
+        result = trlib.SubproblemResult(step, torch.tensor(1.0), True, False, 1, status="boundary")
+        t = trlib.region.iterate(lambda radius, rtol: result, lambda s: tried.append(s) or 0.0, lambda: None,
+                                 loss=2.0, radius=1.0, rule=rule, ellipsoid=torch.ones(2))
+        return t, tried
+
+    for bad in (math.nan, math.inf):
+        t, tried = run(torch.tensor([0.5, bad]))
+        assert not tried and not t.accepted and t.rho == -math.inf and t.radius == 0.5
+    t, tried = run(torch.tensor([1e30, 0.0]))
+    assert len(tried) == 1 and math.isinf(t.step_norm) and t.accepted

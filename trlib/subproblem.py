@@ -303,7 +303,8 @@ class SteihaugCG(Solver):
         # torch.where on whole vectors: once finished, p is kept (times 1, minus 0 r) and u, hu, r
         # move by 0.
         g, op = self.g, self.op
-        zero, one, minus_one = torch.tensor([0.0, 1.0, -1.0], dtype=g.dtype, device=g.device).unbind()
+        zero, one = torch.zeros((), dtype=g.dtype, device=g.device), torch.ones((), dtype=g.dtype, device=g.device)
+        minus_one = -one  # (made on the device: a tensor built from host numbers would wait for its queue)
         u, hu, r = torch.zeros_like(g), torch.zeros_like(g), g.clone()
         p = -r
         rr = torch.dot(r, r)

@@ -41,11 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .curvature import FlatView, frozen_batchnorm_stats
+from .curvature import FlatView, Operator, frozen_batchnorm_stats
 
 __all__ = ["ggn_operator", "per_sample_gradients", "GGN_LOSSES"]
 
-Operator = Callable[[Tensor], Tensor]
 #: loss name -> (its torch.nn.functional form, its module)
 _LOSSES = {"cross_entropy": (F.cross_entropy, nn.CrossEntropyLoss), "mse": (F.mse_loss, nn.MSELoss)}
 GGN_LOSSES = tuple(_LOSSES)
@@ -124,9 +123,8 @@ def ggn_operator(module: nn.Module, inputs: Tensor, targets: Tensor, loss: Union
         reduction: ``"mean"`` (default) or ``"sum"``, as in the loss.
 
     Returns:
-        A callable on flat vectors, usable wherever a Hessian-vector product is (with
-        ``.batched`` for rows at once, as :func:`trlib.curvature.dense_hessian` and
-        :mod:`trlib.analysis` use).
+        A :class:`trlib.curvature.Operator`, usable wherever a Hessian-vector product is
+        (``.batched`` applies it to rows at once, vectorised).
 
     References: Schraudolph, *Neural Computation* 14 (2002); Martens, *New insights and
     perspectives on the natural gradient method*, JMLR 21 (2020).
@@ -148,8 +146,7 @@ def ggn_operator(module: nn.Module, inputs: Tensor, targets: Tensor, loss: Union
             _, jv = torch.func.jvp(outputs_of, (primals,), (tuple(view.split(v)),))
         return view.flatten(pullback(output_hessian(jv))[0])
 
-    ggn.batched = torch.func.vmap(ggn)
-    return ggn
+    return Operator(ggn, view.numel, dtype=primals[0].dtype, device=primals[0].device, batched=torch.func.vmap(ggn))
 
 
 def per_sample_gradients(module: nn.Module, inputs: Tensor, targets: Tensor, loss: Union[str, Callable] = "cross_entropy",

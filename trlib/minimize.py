@@ -96,7 +96,7 @@ class _Point:
         with torch.enable_grad():
             grad = curvature.flat_grad(value, [x], create_graph=True)
         self.x, self.f, self.grad = x, float(value.detach()), grad.detach()
-        self.op = curvature.hvp_double_backward(grad, [x]).counted(self.counts)
+        self.op = curvature.as_operator(curvature.hvp_double_backward(grad, [x]), grad).counted(self.counts)
 
     def trial(self, step: Tensor) -> float:
         self._trial_x = (self.x.detach() + step).requires_grad_(True)

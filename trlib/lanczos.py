@@ -54,8 +54,10 @@ class Lanczos:
     Call :meth:`step` once per operator application. ``start`` (1-D) may be zero, in
     which case the first block starts from a random vector drawn with ``generator``.
     ``alphas``/``betas`` hold :math:`T` (``betas[i]`` couples basis vectors ``i`` and
-    ``i + 1``, 0 between blocks), ``block_starts`` the first index of every block,
-    ``last_beta`` the coupling to the next vector (the Lanczos residual), ``scale`` a running
+    ``i + 1``; between blocks 0, then the coupling of the new block's first vector to the
+    residual judged negligible), ``block_starts`` the first index of every block, ``last_beta``
+    the coupling to the next vector (the Lanczos residual; 0 after a breakdown, when
+    ``residual_beta`` keeps the norm of the residual judged negligible), ``scale`` a running
     estimate of :math:`\\|H\\|`, ``k`` the number of products.
     """
 
@@ -69,7 +71,8 @@ class Lanczos:
         self.alphas: List[float] = []
         self.betas: List[float] = []
         self.block_starts: List[int] = [0]
-        self.last_beta = 0.0
+        self.last_beta = self.residual_beta = 0.0
+        self._residual: Optional[Tensor] = None
         self.scale = 0.0
         self.k = 0
         self._basis = torch.empty((min(16, self.n + 1), self.n), dtype=self.dtype, device=self.device)
@@ -117,6 +120,10 @@ class Lanczos:
             self._pending = False
             if k:
                 self.block_starts.append(k)
+                # q_k^T H q_{k-1} is q_k^T of the residual judged negligible: kept, so that T stays
+                # Q^T H Q when that residual was a real (tiny) coupling rather than rounding
+                self.betas[k - 1] = float(torch.dot(self._basis[k], self._residual))
+                self._residual = None
         q = self._basis[k]
         w = self.matvec(q)
         size = torch.linalg.vector_norm(w)
@@ -129,7 +136,7 @@ class Lanczos:
         self.alphas.append(alpha_f)
         self.scale = max(self.scale, abs(alpha_f), beta_f)
         self.k = k + 1
-        self.last_beta = beta_f
+        self.last_beta = self.residual_beta = beta_f
         if self.k + 1 > self._basis.shape[0] and not self.exhausted:
             bigger = torch.empty((min(2 * self._basis.shape[0], self.n + 1), self.n), dtype=self.dtype,
                                  device=self.device)
@@ -138,7 +145,7 @@ class Lanczos:
         if self.exhausted or beta_f <= 100 * torch.finfo(self.dtype).eps * size_f:
             self.betas.append(0.0)  # invariant: what is left of w is rounding of the product
             self.last_beta = 0.0
-            self._pending = True
+            self._pending, self._residual = True, w
         else:
             self.betas.append(beta_f)
             self._basis[self.k] = w / beta

@@ -376,8 +376,12 @@ class GLTR(Solver):
         if lz.broke_down:
             # An invariant space. One grown from a random vector holds the leftmost eigenvalue of
             # everything not yet explored (with probability 1): done. One grown from g is explored
-            # further only on a sign of a hard case (or with rtol = 0).
-            return self.gamma == 0 or len(lz.block_starts) > 1 or not (rtol == 0 or near_hard)
+            # further only on a sign of a hard case (or with rtol = 0), or when the residual taken
+            # for rounding would still move the step (in float32 a badly scaled ellipsoid leaves
+            # real couplings near 100 eps ||H q||).
+            if self.gamma == 0 or len(lz.block_starts) > 1:
+                return True
+            return not (rtol == 0 or near_hard or lz.residual_beta * abs(h[-1]) > rtol * self.gamma)
         if self.gamma == 0 or len(lz.block_starts) > 1:
             # a block started at random must resolve its leftmost curvature first
             if lz.leftmost_residual() > floor:

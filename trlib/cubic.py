@@ -49,7 +49,7 @@ from torch import Tensor
 from .lanczos import Lanczos
 from .norms import ellipsoid_norm
 from .curvature import NonFiniteCurvatureError
-from .subproblem import GLTR, Solver, SubproblemResult, model_value
+from .subproblem import GLTR, Solver, SubproblemResult, _fill_leftmost, model_value
 
 __all__ = ["CubicResult", "CubicSolver", "solve_cubic", "cubic_model", "CUBIC_METHODS"]
 
@@ -116,12 +116,7 @@ def _secular(eigvals: np.ndarray, coeffs: np.ndarray, sigma: float) -> Tuple[np.
         rest = coords(0.0, nonzero & ~group)  # lam = -lam1
         target = -lam1 / sigma
         if np.linalg.norm(rest) <= target:
-            z = np.zeros_like(coeffs)
-            if c_group > 0:  # down the (tiny) gradient inside the eigenspace
-                z[group] = -coeffs[group] / c_group
-            else:
-                z[np.flatnonzero(group)[0]] = 1.0
-            return rest + math.sqrt(max(target**2 - float(rest @ rest), 0.0)) * z, -lam1, True
+            return _fill_leftmost(rest, coeffs, group, target), -lam1, True
     # f(t) = ||x(t)|| - (t - offset)/sigma decreases from f(0+) > 0 to f(sqrt(sigma ||c||)) <= 0;
     # Newton on the concave increasing 1/||x|| - sigma/lam, bisection when it leaves the bracket.
     lo, hi = 0.0, math.sqrt(sigma * gnorm) * (1 + 1e-12) + tiny

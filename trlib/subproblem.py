@@ -114,6 +114,18 @@ def eigenpoint(grad: Tensor, radius: float, curvature: float, direction: Tensor,
     return -step if float(torch.dot(grad, step)) > 0 else step
 
 
+def _fill_leftmost(x: np.ndarray, coeffs: np.ndarray, group: np.ndarray, length: float) -> np.ndarray:
+    """The hard case's step: ``x`` (orthogonal to the leftmost eigenspace ``group``) completed to
+    norm ``length`` along that eigenspace, down its (tiny) gradient when it has one."""
+    z = np.zeros_like(coeffs)
+    c_group = float(np.linalg.norm(coeffs[group]))
+    if c_group > 0:
+        z[group] = -coeffs[group] / c_group
+    else:
+        z[np.flatnonzero(group)[0]] = 1.0
+    return x + math.sqrt(max(length**2 - float(x @ x), 0.0)) * z
+
+
 def _secular(eigvals: np.ndarray, coeffs: np.ndarray, radius: float):
     """Solve the subproblem in an eigenbasis: ``H = V diag(eigvals) V^T``, ``coeffs = V^T g``.
 
@@ -146,15 +158,9 @@ def _secular(eigvals: np.ndarray, coeffs: np.ndarray, radius: float):
 
     def hard_case():
         x = coords(0.0, nonzero & ~group)
-        slack = radius**2 - float(x @ x)
         if lam1 >= 0:  # a singular PSD Hessian: the minimum-norm interior minimiser
             return x, 0.0, True
-        z = np.zeros_like(coeffs)
-        if c_group > 0:  # move down the (tiny) gradient inside the eigenspace
-            z[group] = -coeffs[group] / c_group
-        else:
-            z[np.flatnonzero(group)[0]] = 1.0
-        return x + math.sqrt(max(slack, 0.0)) * z, -lam1, True
+        return _fill_leftmost(x, coeffs, group, radius), -lam1, True
 
     if lam1 <= 0 and c_group <= 1e-13 * max(gnorm, tiny):
         if np.linalg.norm(coords(0.0, nonzero & ~group)) <= radius:

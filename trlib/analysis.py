@@ -32,18 +32,18 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .curvature import MatVec
 from .lanczos import Lanczos
 
 __all__ = ["Eigenpairs", "eigenpairs", "Estimate", "hutchinson_trace", "hutchinson_diagonal",
            "SpectralDensity", "spectral_density", "diagonal_mass"]
 
-Operator = Callable[[Tensor], Tensor]
 Probes = Union[int, Tensor]
 
 
@@ -106,7 +106,7 @@ def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")[:k]
 
 
-def eigenpairs(matvec: Operator, like: Tensor, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
+def eigenpairs(matvec: MatVec, like: Tensor, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
                max_iter: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Eigenpairs:
     r"""The ``k`` extreme eigenpairs of a symmetric operator, by Lanczos with full reorthogonalisation.
 
@@ -196,7 +196,7 @@ class Estimate:
     products: int
 
 
-def _probe_products(matvec: Operator, probes: Tensor, chunk: int) -> Iterator[Tuple[Tensor, Tensor]]:
+def _probe_products(matvec: MatVec, probes: Tensor, chunk: int) -> Iterator[Tuple[Tensor, Tensor]]:
     # (Z, HZ) a chunk of rows at a time: one vmapped call when the operator offers `.batched`
     batched = getattr(matvec, "batched", None)
     for i in range(0, probes.shape[0], chunk):
@@ -228,7 +228,7 @@ def _hutchinson(matvec, like, probes, chunk, generator, reduce):
     return Estimate(value, stderr, z.shape[0])
 
 
-def hutchinson_trace(matvec: Operator, like: Tensor, probes: Probes = 100, *, chunk: int = 16,
+def hutchinson_trace(matvec: MatVec, like: Tensor, probes: Probes = 100, *, chunk: int = 16,
                      generator: Optional[torch.Generator] = None) -> Estimate:
     r"""Hutchinson's estimate of :math:`\operatorname{tr} H` from Rademacher probes.
 
@@ -262,7 +262,7 @@ def hutchinson_trace(matvec: Operator, like: Tensor, probes: Probes = 100, *, ch
     return _hutchinson(matvec, like, probes, chunk, generator, lambda z, hz: (z * hz).sum(1))
 
 
-def hutchinson_diagonal(matvec: Operator, like: Tensor, probes: Probes = 100, *, chunk: int = 16,
+def hutchinson_diagonal(matvec: MatVec, like: Tensor, probes: Probes = 100, *, chunk: int = 16,
                         generator: Optional[torch.Generator] = None) -> Estimate:
     r"""The estimate of :math:`\operatorname{diag} H` of Bekas, Kokiopoulou & Saad (2007).
 
@@ -318,7 +318,7 @@ class SpectralDensity:
         return (bumps * self.weights).sum(2).mean(1)
 
 
-def spectral_density(matvec: Operator, like: Tensor, probes: Probes = 10, steps: int = 30, *,
+def spectral_density(matvec: MatVec, like: Tensor, probes: Probes = 10, steps: int = 30, *,
                      generator: Optional[torch.Generator] = None) -> SpectralDensity:
     r"""The eigenvalue distribution of a symmetric operator by stochastic Lanczos quadrature.
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,12 +48,11 @@ from torch import Tensor
 
 from .lanczos import Lanczos
 from .norms import ellipsoid_norm
-from .curvature import NonFiniteCurvatureError
+from .curvature import MatVec, NonFiniteCurvatureError
 from .subproblem import GLTR, Solver, SubproblemResult, _fill_leftmost, model_value
 
 __all__ = ["CubicResult", "CubicSolver", "solve_cubic", "cubic_model", "CUBIC_METHODS"]
 
-Operator = Callable[[Tensor], Tensor]
 CUBIC_METHODS = ("lanczos", "exact")
 
 
@@ -76,7 +75,7 @@ class CubicResult:
     status: str
 
 
-def cubic_model(grad: Tensor, hvp: Union[Operator, Tensor], sigma: float, step: Tensor,
+def cubic_model(grad: Tensor, hvp: Union[MatVec, Tensor], sigma: float, step: Tensor,
                 ellipsoid: Optional[Tensor] = None) -> Tensor:
     r""":math:`m(s) = g^\top s + \frac12 s^\top H s + \frac\sigma3 \|s\|_A^3` (one product).
 
@@ -253,7 +252,7 @@ class CubicSolver(Solver):
 
 def solve_cubic(
     grad: Tensor,
-    hvp: Union[Operator, Tensor],
+    hvp: Union[MatVec, Tensor],
     sigma: float,
     *,
     ellipsoid: Optional[Tensor] = None,

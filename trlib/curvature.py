@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 
+#: What the products accept where any callable ``v -> H v`` on flat tensors will do.
+MatVec = Callable[[Tensor], Tensor]
+
+
 class NonFiniteCurvatureError(FloatingPointError, ValueError):
     """A Hessian-vector product returned NaN or inf: the curvature is undefined at this point."""
 
@@ -80,7 +84,7 @@ class Operator:
     ([2.0, -4.0], {'hvp': 1})
     """
 
-    def __init__(self, matvec: Callable[[Tensor], Tensor], size: int, *, dtype, device,
+    def __init__(self, matvec: MatVec, size: int, *, dtype, device,
                  batched: Optional[Callable[[Tensor], Tensor]] = None, matrix: Optional[Tensor] = None,
                  checked: bool = True):
         self.size, self.dtype, self.device = int(size), dtype, torch.device(device)

@@ -34,18 +34,17 @@ Example: the smallest eigenvalue of a diagonal matrix.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from .curvature import NonFiniteCurvatureError
+from .curvature import MatVec, NonFiniteCurvatureError
 
 __all__ = ["Lanczos", "smallest_eigenpair"]
 
-Operator = Callable[[Tensor], Tensor]
 
 
 class Lanczos:
@@ -61,7 +60,7 @@ class Lanczos:
     estimate of :math:`\\|H\\|`, ``k`` the number of products.
     """
 
-    def __init__(self, matvec: Operator, start: Optional[Tensor], *, generator: Optional[torch.Generator] = None):
+    def __init__(self, matvec: MatVec, start: Optional[Tensor], *, generator: Optional[torch.Generator] = None):
         if start is None or start.ndim != 1:
             raise ValueError("Invalid start vector: must be a 1-D tensor")
         self.matvec = matvec
@@ -176,7 +175,7 @@ class Lanczos:
         return self.last_beta * abs(float(y[-1, 0]))
 
 
-def smallest_eigenpair(matvec: Operator, start: Tensor, *, max_iter: Optional[int] = None, rtol: float = 1e-6,
+def smallest_eigenpair(matvec: MatVec, start: Tensor, *, max_iter: Optional[int] = None, rtol: float = 1e-6,
                        generator: Optional[torch.Generator] = None):
     r"""The leftmost eigenpair :math:`(\lambda_{\min}, v)` of a symmetric operator, by Lanczos.
 

@@ -259,6 +259,29 @@ def test_stopping_rule_holds_and_saves_products():
     assert float(res.model_decrease) == pytest.approx(-float(value), rel=1e-10)
 
 
+def test_tcg_rule_holds_without_the_step_factor_and_spends_fewer_products_on_short_steps():
+    # a large sigma makes the step short (||u|| << 1): TC.s asks for min(1, ||u||) more accuracy
+    rng = np.random.default_rng(3)
+    n = 80
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    H = (q * np.linspace(-1.0, 30.0, n)) @ q.T
+    g = rng.standard_normal(n)
+    a = 10 ** rng.uniform(-2, 2, n)
+    d = 1 / np.sqrt(a)
+    runs = {rule: solve_cubic(torch.tensor(g), torch.tensor(H), 200.0, ellipsoid=torch.tensor(a), rtol=0.1, rule=rule)
+            for rule in ("tc.s", "tc.g")}
+    for rule, res in runs.items():
+        s = res.step.numpy()
+        u_norm = math.sqrt(np.sum(a * s * s))
+        grad_model = d * (g + H @ s + 200.0 * u_norm * a * s)  # in the region's variables, measured densely
+        factor = min(1.0, u_norm) if rule == "tc.s" else 1.0
+        assert u_norm < 0.2 and res.status == "converged"
+        assert np.linalg.norm(grad_model) <= 0.1 * factor * np.linalg.norm(d * g) * (1 + 1e-8)
+    assert runs["tc.g"].iterations < runs["tc.s"].iterations
+    with pytest.raises(ValueError, match="rule"):
+        solve_cubic(torch.tensor(g), torch.tensor(H), 1.0, rule="tc.x")
+
+
 def test_max_iter_limits_products():
     d = torch.arange(1.0, 101.0, dtype=torch.float64)
     calls = []

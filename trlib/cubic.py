@@ -54,6 +54,7 @@ from .subproblem import GLTR, Solver, SubproblemResult, _fill_leftmost, model_va
 __all__ = ["CubicResult", "CubicSolver", "solve_cubic", "cubic_model", "CUBIC_METHODS"]
 
 CUBIC_METHODS = ("lanczos", "exact")
+CUBIC_RULES = ("tc.s", "tc.g")
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _model(eigvals: np.ndarray, coeffs: np.ndarray, x: np.ndarray, sigma: float)
     return float(coeffs @ x + 0.5 * np.sum(eigvals * x * x) + sigma / 3.0 * np.linalg.norm(x) ** 3)
 
 
-def _lanczos(lz: Lanczos, sigma: float, rtol: float, max_iter: int):
+def _lanczos(lz: Lanczos, sigma: float, rtol: float, max_iter: int, rule: str = "tc.s"):
     """The model on the Krylov space of ``lz``, grown (from where it stands) until it is solved."""
     gamma = lz.start_norm  # g = gamma q_1 (0: the first block starts at random)
     if lz.k == 0:
@@ -156,7 +157,7 @@ def _lanczos(lz: Lanczos, sigma: float, rtol: float, max_iter: int):
         residual = lz.last_beta * abs(h[-1])
         hnorm = float(np.linalg.norm(h))
         if gamma > 0:
-            tol = rtol * min(1.0, hnorm) * gamma  # Cartis, Gould & Toint's TC.s rule
+            tol = rtol * (min(1.0, hnorm) if rule == "tc.s" else 1.0) * gamma  # Cartis, Gould & Toint's rules
         else:
             tol = rtol * max(lz.scale, 1e-300) * max(hnorm, 1e-300)
         if lz.broke_down:
@@ -207,11 +208,13 @@ class CubicSolver(Solver):
     name = "cubic"
 
     def __init__(self, method: str = "lanczos", *, rtol: float = 1e-6, max_iter: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, rule: str = "tc.s"):
         if method not in CUBIC_METHODS:
             raise ValueError(f"Invalid method: {method!r}; expected one of {CUBIC_METHODS}")
+        if rule not in CUBIC_RULES:
+            raise ValueError(f"Invalid rule: {rule!r}; expected one of {CUBIC_RULES}")
         super().__init__(rtol=rtol, max_iter=max_iter, generator=generator)
-        self.method = method
+        self.method, self.rule = method, rule
 
     def _setup(self):
         if self.method == "lanczos":
@@ -237,7 +240,7 @@ class CubicSolver(Solver):
             u = self._vector(self.eigvecs @ x)
             decrease, negative, converged = -_model(self.eigvals, self.coeffs, x, sigma), self.eigvals[0] < 0, True
         else:
-            u, decrease, lam, negative, hard, converged = _lanczos(self.lz, sigma, rtol, self.limit)
+            u, decrease, lam, negative, hard, converged = _lanczos(self.lz, sigma, rtol, self.limit, self.rule)
         status = "hard_case" if hard else "zero_gradient" if lam == 0.0 else "converged" if converged else "max_iter"
         return u, decrease, False, negative, lam, status
 
@@ -260,6 +263,7 @@ def solve_cubic(
     rtol: float = 1e-6,
     max_iter: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    rule: str = "tc.s",
 ) -> CubicResult:
     r"""Minimise :math:`g^\top s + \frac12 s^\top H s + \frac\sigma3\|s\|_A^3` (the ARC subproblem).
 
@@ -271,7 +275,10 @@ def solve_cubic(
     .. math:: \|\nabla m(u_k)\| = \beta_{k+1} |e_k^\top h_k|
               \le \mathrm{rtol}\cdot \min(1, \|u_k\|)\, \|\tilde g\|
 
-    (Cartis, Gould & Toint 2011, the TC.s rule; norms in the region's variables). A zero
+    (Cartis, Gould & Toint 2011, the TC.s rule, ``rule="tc.s"``; norms in the region's
+    variables), or without the factor :math:`\min(1, \|u_k\|)` (their TC.g rule when ``rtol``
+    carries :math:`\min(\kappa, \|g\|^{1/2})`, ``rule="tc.g"``: the accuracy asked of a
+    trust-region step, and far fewer products when steps are short, as in training). A zero
     gradient starts from a random vector and stops when the leftmost Ritz pair has converged.
 
     Args:
@@ -284,6 +291,7 @@ def solve_cubic(
         rtol: ``"lanczos"``'s tolerance (``0``: until the basis spans the space).
         max_iter: most products for ``"lanczos"`` (default: the dimension).
         generator: random numbers for restarts (zero gradient, hard case); default seed 0.
+        rule: ``"tc.s"`` or ``"tc.g"``, ``"lanczos"``'s stopping rule (above).
 
     Returns:
         :class:`CubicResult`. Vectors stay on ``grad``'s device and in its dtype; the small
@@ -299,7 +307,7 @@ def solve_cubic(
     optimization, Part I*, Math. Program. 127 (2011), §3 and §6; Gould, Lucidi, Roma & Toint,
     SIAM J. Optim. 9 (1999) (the Lanczos approach); Nesterov & Polyak, Math. Program. 108 (2006).
     """
-    solver = CubicSolver(method, rtol=rtol, max_iter=max_iter, generator=generator)
+    solver = CubicSolver(method, rtol=rtol, max_iter=max_iter, generator=generator, rule=rule)
     sigma = _check_sigma(sigma)  # before the products of a query
     r = solver.query(grad, hvp, ellipsoid).solve(sigma)
     return CubicResult(r.step, r.model_decrease, r.iterations, r.multiplier, r.negative_curvature, r.status)

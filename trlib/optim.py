@@ -982,8 +982,10 @@ class ARC(TrustRegion):
             TrustRegion's shrink factor).
         method: ``"lanczos"`` (default) or ``"exact"`` (dense; tiny models only).
         krylov_tol, max_krylov: Lanczos stops when the model's gradient is below
-            :math:`\min(\text{krylov\_tol}, \sqrt{\|g\|})\min(1, \|u\|)\|\tilde g\|` (the TC.s
-            rule), or after ``max_krylov`` products.
+            :math:`\min(\text{krylov\_tol}, \sqrt{\|g\|})\|\tilde g\|` (Cartis, Gould &
+            Toint's TC.g rule: the accuracy TrustRegion asks of its steps; their TC.s rule's
+            extra factor :math:`\min(1, \|u\|)`, which :func:`trlib.minimize` keeps, made
+            the short steps of training cost ~26 products each), or after ``max_krylov`` products.
 
     Its attributes are ``sigma`` (for the next step), ``counts``, ``backprops``, ``last`` and
     ``ellipsoid``; ``radius`` is None (ARC has none).
@@ -1037,7 +1039,7 @@ class ARC(TrustRegion):
         return gnorm / length**2
 
     def _solver(self, group, rtol, generator, cauchy, grad, op, ellipsoid):
-        return CubicSolver(group["method"], rtol=rtol, generator=generator,
+        return CubicSolver(group["method"], rtol=rtol, generator=generator, rule="tc.g",
                            max_iter=group["max_krylov"] if group["method"] != "exact" else None
                            ).query(grad, op, ellipsoid)
 

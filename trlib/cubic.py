@@ -189,7 +189,7 @@ def _check_sigma(sigma) -> float:
 
 
 class CubicSolver(Solver):
-    r"""The ARC subproblem at one point: :meth:`query` once, :meth:`solve` for each :math:`\sigma`.
+    r"""The ARC subproblem at one point: ``query`` once, :meth:`solve` for each :math:`\sigma`.
 
     A :class:`trlib.subproblem.Solver` for the cubic model (the same ``query``, checks, change of
     variables and product counting): ``"lanczos"`` keeps its Krylov basis between solves, so a

@@ -265,7 +265,8 @@ class TrustRegion(torch.optim.Optimizer):
         krylov_tol: relative residual at which the Krylov solver stops; the effective
             tolerance is :math:`\min(\text{krylov\_tol}, \sqrt{\|g\|})`.
         max_krylov: most Hessian-vector products per step.
-        beta, eps: the norm's decay rate and floor (see :mod:`trlib.norms`).
+        beta, eps: the norm's decay rate and floor (see :mod:`trlib.norms`); ``eps=None`` keeps
+            the norm's own floor (1e-8 for the gradient-based ellipsoids, 1e-4 for Hutchinson's).
         gtol: gradients of norm at most ``gtol`` are set to zero (Algorithm 1, step 4).
         hvp: ``"double_backward"`` (works with any closure) or ``"forward_over_reverse"``
             (needs ``module``; no gradient graph is kept between products; the mode that
@@ -312,7 +313,7 @@ class TrustRegion(torch.optim.Optimizer):
     def __init__(self, params, *, norm="rms", radius: Optional[float] = None, max_radius: float = 10.0,
                  eta1: float = 0.01, eta2: float = 0.95, increase: float = 1.1, decrease: Optional[float] = None,
                  method: str = "cg", krylov_tol: float = 0.1, max_krylov: int = 50, beta: float = 0.8,
-                 eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
+                 eps: Optional[float] = None, gtol: float = 0.0, hvp: str = "double_backward",
                  module: Optional[nn.Module] = None, check_every: int = 1, seed: int = 0,
                  distributed: bool = False, process_group=None, lr: float = 1.0, weight_decay: float = 0.0):
         self._setup(params, norm, module, distributed, process_group, dict(
@@ -1010,7 +1011,7 @@ class ARC(TrustRegion):
     def __init__(self, params, *, norm="rms", sigma: Optional[float] = None, min_sigma: float = 1e-8,
                  eta1: float = 0.01, eta2: float = 0.95, increase: float = 1.1, decrease: Optional[float] = None,
                  method: str = "lanczos", krylov_tol: float = 0.1, max_krylov: int = 50, beta: float = 0.8,
-                 eps: float = 1e-8, gtol: float = 0.0, hvp: str = "double_backward",
+                 eps: Optional[float] = None, gtol: float = 0.0, hvp: str = "double_backward",
                  module: Optional[nn.Module] = None, seed: int = 0, distributed: bool = False, process_group=None,
                  lr: float = 1.0, weight_decay: float = 0.0):
         self._setup(params, norm, module, distributed, process_group, dict(

@@ -234,14 +234,17 @@ def test_zero_gradient_convex_stays_put():
     assert res.status == "zero_gradient" and not torch.any(res.step) and float(res.model_decrease) == 0.0
 
 
+def _scaled_problem(seed, n, top):
+    """An indefinite H with eigenvalues -1 .. top, a gradient and an ellipsoid spanning 1e-2 .. 1e2."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q * np.linspace(-1.0, top, n)) @ q.T, rng.standard_normal(n), 10 ** rng.uniform(-2, 2, n)
+
+
 def test_stopping_rule_holds_and_saves_products():
     # with rtol = 0.1 the returned step satisfies CGT's TC.s rule, measured densely
-    rng = np.random.default_rng(2)
     n = 60
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    H = (q * np.linspace(-1.0, 20.0, n)) @ q.T
-    g = rng.standard_normal(n)
-    a = 10 ** rng.uniform(-2, 2, n)
+    H, g, a = _scaled_problem(2, n, 20.0)
     calls = []
 
     def hvp(v):
@@ -261,12 +264,7 @@ def test_stopping_rule_holds_and_saves_products():
 
 def test_tcg_rule_holds_without_the_step_factor_and_spends_fewer_products_on_short_steps():
     # a large sigma makes the step short (||u|| << 1): TC.s asks for min(1, ||u||) more accuracy
-    rng = np.random.default_rng(3)
-    n = 80
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    H = (q * np.linspace(-1.0, 30.0, n)) @ q.T
-    g = rng.standard_normal(n)
-    a = 10 ** rng.uniform(-2, 2, n)
+    H, g, a = _scaled_problem(3, 80, 30.0)
     d = 1 / np.sqrt(a)
     runs = {rule: solve_cubic(torch.tensor(g), torch.tensor(H), 200.0, ellipsoid=torch.tensor(a), rtol=0.1, rule=rule)
             for rule in ("tc.s", "tc.g")}

@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .norms import ellipsoid_norm
 from .subproblem import SubproblemResult
 
 __all__ = ["RadiusRule", "SigmaRule", "reduction_ratio", "iterate", "Trial"]
@@ -187,9 +188,8 @@ def iterate(solve: Callable[[float, float], SubproblemResult], trial: Callable[[
         # the decrease and the step's length in one read (one synchronisation on a GPU); a finite
         # length implies a finite step (a NaN/inf entry makes the sum of squares non-finite
         # whatever the weights), so only a non-finite one pays for the entrywise test
-        squared = torch.dot(step, step) if ellipsoid is None else torch.dot(ellipsoid * step, step)
         decrease, length = torch.stack([torch.as_tensor(result.model_decrease, device=step.device).double().reshape(()),
-                                        squared.sqrt().double()]).tolist()
+                                        ellipsoid_norm(step, ellipsoid).double()]).tolist()
         finite = math.isfinite(decrease) and (math.isfinite(length) or bool(torch.isfinite(step).all()))
         inexact = finite and result.status in ("converged", "interior") and rtol * 1e-2 >= 1e-12
         trial_loss = math.nan
